@@ -1,0 +1,153 @@
+"""Layers whose implementation is chosen per backend.
+
+XLA:CPU runs its own convolution slowly, and a convolution ``vmap``-ed over clients that each hold
+their own weights becomes a grouped convolution, slower still (env.md §5). :class:`Conv` keeps the
+parameter layout of :class:`flax.linen.Conv` (``kernel`` ``[kh, kw, c_in, c_out]``, ``bias``
+``[c_out]``), so code that reads a model's variables (backdoor energy, checkpoints) does not care
+which implementation ran, and lets the caller choose how it is computed:
+
+* ``"xla"``: :func:`jax.lax.conv_general_dilated` (cuDNN on GPU).
+* ``"im2col"``: the patches are built from ``kh * kw`` strided slices and multiplied with the kernel
+  reshaped to ``[kh * kw * c_in, c_out]``: one matrix product, which ``vmap`` turns into a batched
+  matrix product rather than a grouped convolution.
+* ``"auto"``: the choice measured fastest on the default backend (:func:`default_conv_impl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Conv", "conv2d", "default_conv_impl", "max_pool", "avg_pool", "CONV_IMPLS"]
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def default_conv_impl(backend: str | None = None) -> str:
+    """The convolution implementation measured fastest on ``backend`` (default: JAX's default).
+
+    The measurements behind this choice are in ``benchmarks/results/conv_impl_*.jsonl``.
+    """
+    backend = backend or jax.default_backend()
+    return "im2col" if backend == "cpu" else "xla"
+
+
+def _pad_amounts(padding: str | Sequence[tuple[int, int]], kh: int, kw: int):
+    if isinstance(padding, str):
+        padding = padding.upper()
+        if padding == "VALID":
+            return ((0, 0), (0, 0))
+        if padding == "SAME":
+            # Stride-1 SAME; for strided SAME we follow lax's convention (more padding at the end).
+            return (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+        raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+    return tuple(tuple(p) for p in padding)
+
+
+def _same_pads_strided(size: int, k: int, s: int) -> tuple[int, int]:
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return (total // 2, total - total // 2)
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int] = (1, 1),
+    padding: Any = "SAME",
+    impl: str = "auto",
+) -> jax.Array:
+    """2-D convolution, NHWC input, HWIO kernel, no bias.
+
+    Args:
+      x: ``[B, H, W, C_in]``.
+      kernel: ``[kh, kw, C_in, C_out]``.
+      strides: ``(sh, sw)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
+      impl: one of ``CONV_IMPLS``.
+
+    Returns:
+      ``[B, H_out, W_out, C_out]``, equal (to float rounding) whichever ``impl`` computes it.
+    """
+    if impl == "auto":
+        impl = default_conv_impl()
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        pads = (_same_pads_strided(x.shape[1], kh, sh), _same_pads_strided(x.shape[2], kw, sw))
+    else:
+        pads = _pad_amounts(padding, kh, kw)
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=strides,
+            padding=pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if impl != "im2col":
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if kh == 1 and kw == 1 and pads == ((0, 0), (0, 0)):
+        xs = x[:, ::sh, ::sw, :]
+        return xs @ kernel.reshape(cin, cout)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    hp, wp = xp.shape[1], xp.shape[2]
+    ho = (hp - kh) // sh + 1
+    wo = (wp - kw) // sw + 1
+    cols = [
+        xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], ordered (i, j, c)
+    return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nn.Module):
+    """Drop-in for :class:`flax.linen.Conv` (NHWC, same parameter names and layout)."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    use_bias: bool = True
+    impl: str = "auto"
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
+        y = conv2d(x, kernel.astype(x.dtype), tuple(self.strides), self.padding, self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,)).astype(x.dtype)
+        return y
+
+
+def max_pool(
+    x: jax.Array, window: int = 2, stride: int | None = None, padding: str = "VALID"
+) -> jax.Array:
+    """Max pooling, NHWC. Non-overlapping VALID windows use a reshape (cheap backward pass)."""
+    stride = window if stride is None else stride
+    b, h, w, c = x.shape
+    if stride == window and padding == "VALID":
+        ho, wo = h // window, w // window
+        x = x[:, : ho * window, : wo * window, :]
+        return x.reshape(b, ho, window, wo, window, c).max(axis=(2, 4))
+    return nn.max_pool(x, (window, window), (stride, stride), padding=padding)
+
+
+def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Array:
+    """Average pooling, NHWC, VALID."""
+    stride = window if stride is None else stride
+    b, h, w, c = x.shape
+    if stride == window:
+        ho, wo = h // window, w // window
+        x = x[:, : ho * window, : wo * window, :]
+        return x.reshape(b, ho, window, wo, window, c).mean(axis=(2, 4))
+    return nn.avg_pool(x, (window, window), (stride, stride))
