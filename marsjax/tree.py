@@ -22,7 +22,9 @@ __all__ = [
 ]
 
 
-def flatten_stacked(updates: Updates, leaf_filter: Callable[[tuple, jax.Array], bool] | None = None):
+def flatten_stacked(
+    updates: Updates, leaf_filter: Callable[[tuple, jax.Array], bool] | None = None
+):
     """``[N, ...]``-stacked tree -> ``[N, D]`` matrix (leaves in tree order, optionally filtered).
 
     ``leaf_filter(path, leaf)`` selects leaves (e.g. only ``params``, or only the output layer).
@@ -82,7 +84,9 @@ def zero_rows(updates: Updates, keep: jax.Array) -> Updates:
 
 def tree_add_scaled(tree: PyTree, other: PyTree, scale) -> PyTree:
     """``tree + scale * other`` leafwise."""
-    return jax.tree.map(lambda a, b: a + jnp.asarray(scale, a.dtype) * b.astype(a.dtype), tree, other)
+    return jax.tree.map(
+        lambda a, b: a + jnp.asarray(scale, a.dtype) * b.astype(a.dtype), tree, other
+    )
 
 
 def tree_norm(tree: PyTree) -> jax.Array:

@@ -45,7 +45,8 @@ _HOW_TO_GET = {
         "put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in --data-dir, or prepare it with "
         "tensorflow-datasets on a machine with a network: "
-        "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist', data_dir=DIR)\"`"
+        "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist', data_dir=DIR, "
+        "builder_kwargs={'file_format': 'array_record'})\"`"
         " and pass --data-dir DIR"
     ),
     "fashion_mnist": (
@@ -56,12 +57,12 @@ _HOW_TO_GET = {
     "cifar10": (
         "prepare it with tensorflow-datasets on a machine with a network: "
         "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('cifar10', "
-        "data_dir=DIR)\"` and pass --data-dir DIR"
+        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass --data-dir DIR"
     ),
     "cifar100": (
         "prepare it with tensorflow-datasets on a machine with a network: "
         "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('cifar100', "
-        "data_dir=DIR)\"` and pass --data-dir DIR"
+        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass --data-dir DIR"
     ),
 }
 
@@ -145,7 +146,9 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, EOFError) as e:
-        raise DatasetError(f"{path}: cannot read or decompress ({e}); the file is corrupt") from None
+        raise DatasetError(
+            f"{path}: cannot read or decompress ({e}); the file is corrupt"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
@@ -209,12 +212,16 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
     except Exception as e:  # tfds raises several types for "not prepared"
         raise DatasetError(
             f"dataset {name!r} is not available offline (data_dir={data_dir!r}: "
-            f"{type(e).__name__}: {str(e)[:200]}). To get it: {_HOW_TO_GET[name]}"
+            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}). "
+            f"To get it: {_HOW_TO_GET[name]}"
         ) from None
     out = []
     for src in sources:
         n = len(src)
-        items = src.__getitems__(list(range(n))) if hasattr(src, "__getitems__") else src[:n]
+        try:
+            items = src.__getitems__(list(range(n)))
+        except (AttributeError, TypeError):  # older sources and tfds's mock lack batch reads
+            items = [src[i] for i in range(n)]
         out.append(np.stack([np.asarray(it["image"]) for it in items]))
         out.append(np.asarray([int(it["label"]) for it in items]))
     return _finish(name, *out)

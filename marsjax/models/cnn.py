@@ -32,11 +32,18 @@ class SimpleNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         k = (self.kernel_size, self.kernel_size)
         for i, f in enumerate(self.features):
-            x = Conv(f, k, padding=self.padding, use_bias=not self.batch_norm,
-                     impl=self.conv_impl, name=f"conv{i + 1}")(x)
+            x = Conv(
+                f,
+                k,
+                padding=self.padding,
+                use_bias=not self.batch_norm,
+                impl=self.conv_impl,
+                name=f"conv{i + 1}",
+            )(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 name=f"bn{i + 1}")(x)
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i + 1}"
+                )(x)
             x = nn.relu(x)
             x = max_pool(x, 2)
         x = x.reshape(x.shape[0], -1)

@@ -33,15 +33,38 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         s = (self.stride, self.stride)
-        y = Conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), use_bias=False,
-                 impl=self.conv_impl, kernel_init=_kaiming, name="conv1")(x)
+        y = Conv(
+            self.features,
+            (3, 3),
+            s,
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            impl=self.conv_impl,
+            kernel_init=_kaiming,
+            name="conv1",
+        )(x)
         y = nn.relu(_bn(train, "bn1")(y))
-        y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                 impl=self.conv_impl, kernel_init=_kaiming, name="conv2")(y)
+        y = Conv(
+            self.features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            impl=self.conv_impl,
+            kernel_init=_kaiming,
+            name="conv2",
+        )(y)
         y = _bn(train, "bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = Conv(self.features, (1, 1), s, padding="VALID", use_bias=False,
-                     impl=self.conv_impl, kernel_init=_kaiming, name="downsample_conv")(x)
+            x = Conv(
+                self.features,
+                (1, 1),
+                s,
+                padding="VALID",
+                use_bias=False,
+                impl=self.conv_impl,
+                kernel_init=_kaiming,
+                name="downsample_conv",
+            )(x)
             x = _bn(train, "downsample_bn")(x)
         return nn.relu(x + y)
 
@@ -55,13 +78,28 @@ class ResNet18(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.stem == "imagenet":
-            x = Conv(self.widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                     impl=self.conv_impl, kernel_init=_kaiming, name="conv1")(x)
+            x = Conv(
+                self.widths[0],
+                (7, 7),
+                (2, 2),
+                padding=((3, 3), (3, 3)),
+                use_bias=False,
+                impl=self.conv_impl,
+                kernel_init=_kaiming,
+                name="conv1",
+            )(x)
             x = nn.relu(_bn(train, "bn1")(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
-            x = Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                     impl=self.conv_impl, kernel_init=_kaiming, name="conv1")(x)
+            x = Conv(
+                self.widths[0],
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                impl=self.conv_impl,
+                kernel_init=_kaiming,
+                name="conv1",
+            )(x)
             x = nn.relu(_bn(train, "bn1")(x))
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")

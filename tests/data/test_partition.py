@@ -52,8 +52,9 @@ def test_iid_partition_sizes():
     y = _labels(1000)
     p = iid_partition(y, 7, seed=0)
     assert p.counts.max() - p.counts.min() <= 1
-    assert np.array_equal(np.sort(np.concatenate([p.client_indices(i) for i in range(7)])),
-                          np.arange(1000))
+    assert np.array_equal(
+        np.sort(np.concatenate([p.client_indices(i) for i in range(7)])), np.arange(1000)
+    )
 
 
 def test_invalid_alpha():

@@ -1,0 +1,477 @@
+"""Experiment configuration: frozen dataclasses, validated before anything compiles.
+
+An experiment is an :class:`ExperimentConfig` made of one section per concern. Configs are written
+as Python (``experiments/configs/*.py`` define ``get_config()``) or picked by preset name
+(:data:`PRESETS`), and changed with dotted overrides (``defense.name=mars``,
+``attack.options.scale=5``) through :func:`override`. :func:`validate` checks every field and raises
+:class:`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "AttackConfig",
+    "DefenseConfig",
+    "RunConfig",
+    "ExperimentConfig",
+    "validate",
+    "override",
+    "parse_overrides",
+    "to_dict",
+    "from_dict",
+    "PRESETS",
+    "get_preset",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+def _freeze_options(obj, name):
+    # Options are a plain dict on a frozen dataclass; copy so callers cannot mutate it afterwards.
+    object.__setattr__(obj, name, dict(getattr(obj, name) or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Dataset and its split among clients.
+
+    Attributes:
+      name: ``digits`` (bundled, offline default), ``mnist``, ``fashion_mnist``, ``cifar10``,
+        ``cifar100``.
+      data_dir: directory with IDX files or a prepared tfds ``data_dir``.
+      source: ``auto``, ``idx`` or ``tfds``.
+      num_clients: clients in the federation.
+      partition: ``dirichlet`` (per-class Dirichlet, the paper's) or ``iid``.
+      dirichlet_alpha: concentration (> 0); the paper uses 0.9.
+    """
+
+    name: str = "digits"
+    data_dir: str | None = None
+    source: str = "auto"
+    num_clients: int = 100
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Model.
+
+    Attributes:
+      name: ``simplenet``, ``resnet18`` or ``mlp``.
+      batch_norm: SimpleNet: BatchNorm after each conv (MARS needs BN statistics).
+      width: SimpleNet: ``paper`` (28x28 inputs) or ``small`` (8x8 inputs).
+      stem: ResNet-18: ``cifar`` (3x3) or ``imagenet`` (7x7 + max-pool, the official CIFAR-10 code).
+      conv_impl: ``auto`` (measured per backend), ``xla`` or ``im2col``.
+    """
+
+    name: str = "simplenet"
+    batch_norm: bool = True
+    width: str = "paper"
+    stem: str = "cifar"
+    conv_impl: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Benign clients' local training (SGD with momentum and weight decay, as the paper).
+
+    Attributes:
+      lr, momentum, weight_decay: the optimizer (paper: 0.1, 0.9, 5e-4).
+      batch_size: local batch size (paper: 64).
+      local_epochs: passes over the client's data (paper: 2); ignored if ``local_steps`` is set.
+      local_steps: a fixed number of local steps instead of epochs.
+      drop_last: drop the last partial batch of an epoch (the official loaders do); otherwise it is
+        filled by wrapping around to the start of the client's shuffled data.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    local_epochs: int = 2
+    local_steps: int | None = None
+    drop_last: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """Attack.
+
+    Attributes:
+      name: a key of ``marsjax.attacks.REGISTRY`` (``none``, ``badnets``, ...).
+      num_attackers: malicious clients in the federation: ids ``0 .. num_attackers - 1`` (paper:
+        20 of 100).
+      attackers_per_round: exactly this many of the sampled clients are attackers every round
+        (paper: 4 of 20); ``None`` samples uniformly from all clients.
+      target_label: the backdoor's target class (paper: 8).
+      poison_fraction: share of each attacker batch stamped with the trigger (paper: 0.5).
+      start_round: first round (0-based) in which attackers attack.
+      stop_round: attack rounds end before this round (``None``: never).
+      trigger_top, trigger_left: where the 5x3 pattern goes (``None``: the paper's place).
+      options: attack-specific keyword arguments, checked against the attack's factory.
+    """
+
+    name: str = "none"
+    num_attackers: int = 20
+    attackers_per_round: int | None = 4
+    target_label: int = 8
+    poison_fraction: float = 0.5
+    start_round: int = 0
+    stop_round: int | None = None
+    trigger_top: int | None = None
+    trigger_left: int | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _freeze_options(self, "options")
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+    """Defense: a key of ``marsjax.defenses.REGISTRY`` and its keyword arguments."""
+
+    name: str = "fedavg"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _freeze_options(self, "options")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The federated run.
+
+    Attributes:
+      rounds: number of rounds.
+      clients_per_round: clients sampled each round (paper: 20).
+      seed: one seed; partition, sampling, training and attacks draw independent streams from it.
+      server_rule: ``mean`` (global += server_lr * mean of accepted updates, the paper's text) or
+        ``sum`` (global += eta / num_clients * sum of accepted updates, the official code).
+      server_lr: step of the ``mean`` rule.
+      eta: the ``sum`` rule's server learning rate (official CIFAR-10 config: 0.8).
+      weighting: ``uniform`` (the paper) or ``num_samples`` FedAvg weights.
+      client_strategy: how clients run along the client axis: ``auto``, ``vmap``, ``map``.
+      client_chunk: with ``map``: clients run together per step of the map (``lax.map``
+        ``batch_size``); ``None`` = one at a time.
+      eval_every: evaluate ACC/ASR every this many rounds (and after the last).
+      rounds_per_call: rounds run inside one compiled call (``lax.scan``) between host steps.
+      eval_batch_size: test-set batch size.
+      out_dir: results folder (``None``: no files).
+      checkpoint_every: save a checkpoint every this many rounds (0: never).
+      init_checkpoint: start from the global model of this checkpoint (a clean pretrained model).
+    """
+
+    rounds: int = 30
+    clients_per_round: int = 20
+    seed: int = 0
+    server_rule: str = "mean"
+    server_lr: float = 1.0
+    eta: float = 0.8
+    weighting: str = "uniform"
+    client_strategy: str = "auto"
+    client_chunk: int | None = None
+    eval_every: int = 1
+    rounds_per_call: int = 1
+    eval_batch_size: int = 1000
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    init_checkpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    defense: DefenseConfig = dataclasses.field(default_factory=DefenseConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _check_choice(field, value, choices):
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        _fail(field, value, f"must be one of {tuple(choices)}{extra}")
+
+
+def _check_int(field, value, lo=None, hi=None, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, "must be an integer")
+    if lo is not None and value < lo:
+        _fail(field, value, f"must be >= {lo}")
+    if hi is not None and value > hi:
+        _fail(field, value, f"must be <= {hi}")
+
+
+def _check_float(field, value, lo=None, hi=None, lo_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, value, "must be a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        _fail(field, value, "must be finite")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        _fail(field, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        _fail(field, value, f"must be <= {hi}")
+
+
+def _check_bool(field, value):
+    if not isinstance(value, bool):
+        _fail(field, value, "must be true or false")
+
+
+def _check_options(field: str, factory, options: Mapping[str, Any]) -> None:
+    if not isinstance(options, Mapping):
+        _fail(field, options, "must be a mapping of keyword arguments")
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    allowed = [n for n in allowed if n != "ctx"]
+    for k in options:
+        if k not in allowed:
+            hint = difflib.get_close_matches(k, allowed, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            _fail(f"{field}.{k}", options[k], f"unknown option; allowed: {sorted(allowed)}{extra}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks every field; returns ``cfg`` unchanged or raises :class:`ConfigError`."""
+    from marsjax import attacks, defenses  # registries (import here: no cycle at import time)
+    from marsjax.data.datasets import DATASETS
+    from marsjax.models import CONV_IMPLS, MODELS
+
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"expected an ExperimentConfig, got {type(cfg).__name__}")
+    d, m, t, a, df, r = cfg.data, cfg.model, cfg.train, cfg.attack, cfg.defense, cfg.run
+
+    _check_choice("data.name", d.name, DATASETS)
+    _check_choice("data.source", d.source, ("auto", "idx", "tfds"))
+    _check_int("data.num_clients", d.num_clients, lo=1)
+    _check_choice("data.partition", d.partition, ("dirichlet", "iid"))
+    _check_float("data.dirichlet_alpha", d.dirichlet_alpha, lo=0, lo_open=True)
+
+    _check_choice("model.name", m.name, MODELS)
+    _check_bool("model.batch_norm", m.batch_norm)
+    _check_choice("model.width", m.width, ("paper", "small"))
+    _check_choice("model.stem", m.stem, ("cifar", "imagenet"))
+    _check_choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
+    if m.name == "simplenet" and m.width == "paper" and d.name == "digits":
+        _fail(
+            "model.width", m.width, "the paper SimpleNet needs 28x28 inputs; use 'small' on digits"
+        )
+
+    _check_float("train.lr", t.lr, lo=0, lo_open=True)
+    _check_float("train.momentum", t.momentum, lo=0, hi=1)
+    if t.momentum >= 1:
+        _fail("train.momentum", t.momentum, "must be < 1")
+    _check_float("train.weight_decay", t.weight_decay, lo=0)
+    _check_int("train.batch_size", t.batch_size, lo=1)
+    _check_int("train.local_epochs", t.local_epochs, lo=1)
+    _check_int("train.local_steps", t.local_steps, lo=1, allow_none=True)
+    _check_bool("train.drop_last", t.drop_last)
+
+    _check_int("run.rounds", r.rounds, lo=1)
+    _check_int("run.clients_per_round", r.clients_per_round, lo=1, hi=d.num_clients)
+    _check_int("run.seed", r.seed, lo=0)
+    _check_choice("run.server_rule", r.server_rule, ("mean", "sum"))
+    _check_float("run.server_lr", r.server_lr, lo=0, lo_open=True)
+    _check_float("run.eta", r.eta, lo=0, lo_open=True)
+    _check_choice("run.weighting", r.weighting, ("uniform", "num_samples"))
+    _check_choice("run.client_strategy", r.client_strategy, ("auto", "vmap", "map"))
+    _check_int("run.client_chunk", r.client_chunk, lo=1, hi=r.clients_per_round, allow_none=True)
+    _check_int("run.eval_every", r.eval_every, lo=1)
+    _check_int("run.rounds_per_call", r.rounds_per_call, lo=1)
+    _check_int("run.eval_batch_size", r.eval_batch_size, lo=1)
+    _check_int("run.checkpoint_every", r.checkpoint_every, lo=0)
+
+    _check_choice("attack.name", a.name, tuple(attacks.REGISTRY))
+    _check_int("attack.num_attackers", a.num_attackers, lo=0, hi=d.num_clients)
+    if a.attackers_per_round is not None:
+        _check_int(
+            "attack.attackers_per_round",
+            a.attackers_per_round,
+            lo=0,
+            hi=min(a.num_attackers, r.clients_per_round),
+        )
+        benign_needed = r.clients_per_round - a.attackers_per_round
+        if benign_needed > d.num_clients - a.num_attackers:
+            _fail(
+                "attack.attackers_per_round",
+                a.attackers_per_round,
+                f"leaves {benign_needed} benign clients to sample per round but only "
+                f"{d.num_clients - a.num_attackers} exist",
+            )
+    _check_int("attack.target_label", a.target_label, lo=0)
+    _check_float("attack.poison_fraction", a.poison_fraction, lo=0, hi=1)
+    _check_int("attack.start_round", a.start_round, lo=0)
+    _check_int("attack.stop_round", a.stop_round, lo=a.start_round + 1, allow_none=True)
+    _check_int("attack.trigger_top", a.trigger_top, lo=0, allow_none=True)
+    _check_int("attack.trigger_left", a.trigger_left, lo=0, allow_none=True)
+    _check_options("attack.options", attacks.REGISTRY[a.name], a.options)
+
+    _check_choice("defense.name", df.name, tuple(defenses.REGISTRY))
+    _check_options("defense.options", defenses.REGISTRY[df.name], df.options)
+
+    from marsjax.data.datasets import _META
+
+    num_classes = _META[d.name][0]
+    if a.target_label >= num_classes:
+        _fail(
+            "attack.target_label", a.target_label, f"must be < {num_classes} (classes of {d.name})"
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and (de)serialisation
+
+
+def _parse_value(text: Any, annotation: str | None = None) -> Any:
+    """Turns an override's text into a value of the field's type (``annotation``, a string).
+
+    A plain ``str`` field keeps the text as is (so ``attack.name=none`` stays the string); other
+    fields read Python literals, ``none``/``null`` as None and ``true``/``false`` as booleans.
+    """
+    if not isinstance(text, str):
+        return text
+    if annotation == "str":
+        return text
+    low = text.strip()
+    if low.lower() in ("none", "null"):
+        return None
+    if low.lower() in ("true", "false"):
+        return low.lower() == "true"
+    try:
+        return ast.literal_eval(low)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["defense.name=mars", "run.rounds=5"]`` -> ``{"defense.name": "mars", "run.rounds": "5"}``.
+
+    Values stay text here; :func:`override` converts them to the field's type.
+    """
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v  # typed by override(), which knows the field
+    return out
+
+
+def override(cfg: ExperimentConfig, changes: Mapping[str, Any]) -> ExperimentConfig:
+    """Returns ``cfg`` with dotted-path changes applied (``attack.options.scale`` reaches options)."""
+    for path, value in changes.items():
+        parts = path.split(".")
+        if parts[0] == "name" and len(parts) == 1:
+            cfg = dataclasses.replace(cfg, name=value)
+            continue
+        sections = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name"}
+        if parts[0] not in sections or len(parts) < 2:
+            raise ConfigError(f"override {path!r}: the section must be one of {sorted(sections)}")
+        section = getattr(cfg, parts[0])
+        field = parts[1]
+        names = {f.name for f in dataclasses.fields(section)}
+        if field not in names:
+            hint = difflib.get_close_matches(field, names, n=1)
+            extra = f" (did you mean {parts[0]}.{hint[0]}?)" if hint else ""
+            raise ConfigError(f"override {path!r}: {parts[0]} has no field {field!r}{extra}")
+        if len(parts) > 2:
+            if field != "options":
+                raise ConfigError(f"override {path!r}: only options take a sub-key")
+            opts = dict(section.options)
+            opts[".".join(parts[2:])] = _parse_value(value)
+            value = opts
+        else:
+            ann = {f.name: f.type for f in dataclasses.fields(section)}[field]
+            value = _parse_value(value, ann if isinstance(ann, str) else None)
+        cfg = dataclasses.replace(cfg, **{parts[0]: dataclasses.replace(section, **{field: value})})
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Mapping[str, Any]) -> ExperimentConfig:
+    kinds = {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "train": TrainConfig,
+        "attack": AttackConfig,
+        "defense": DefenseConfig,
+        "run": RunConfig,
+    }
+    kw = {}
+    for k, v in d.items():
+        if k in kinds:
+            names = {f.name for f in dataclasses.fields(kinds[k])}
+            unknown = set(v) - names
+            if unknown:
+                raise ConfigError(f"{k}: unknown fields {sorted(unknown)}")
+            kw[k] = kinds[k](**v)
+        elif k == "name":
+            kw[k] = v
+        else:
+            raise ConfigError(f"unknown config section {k!r}")
+    return ExperimentConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
+
+def _demo(defense: str = "fedavg") -> ExperimentConfig:
+    """The Quickstart job: digits, 30 clients, 10 per round with 2 attackers, BadNets + scaling."""
+    return ExperimentConfig(
+        name="digits_demo",
+        data=DataConfig(name="digits", num_clients=30, dirichlet_alpha=0.9),
+        model=ModelConfig(name="simplenet", width="small", batch_norm=True),
+        train=TrainConfig(lr=0.05, batch_size=16, local_epochs=2),
+        attack=AttackConfig(
+            name="badnets", num_attackers=6, attackers_per_round=2, options={"scale": 3.0}
+        ),
+        defense=DefenseConfig(name=defense),
+        run=RunConfig(rounds=30, clients_per_round=10, seed=0, eval_every=5),
+    )
+
+
+PRESETS = {
+    "demo": _demo,
+}
+
+
+def get_preset(name: str, **kwargs) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**kwargs)

@@ -1,0 +1,140 @@
+"""Metrics of the paper (Appendix F), all in percent.
+
+* ACC: clean test accuracy.
+* ASR: share of ALL test images that, with the trigger stamped, are classified as the target
+  label; the target class is not excluded, so a clean model scores about ``100 / num_classes``.
+  ``asr_excl_target`` is the variant that leaves the target class's own images out.
+* TPR: backdoor models flagged / backdoor models, FPR: benign models flagged / benign models, per
+  round; a client is flagged when its ``accepted`` weight is ``<= 0.5``. The paper averages the
+  per-round rates over the attack rounds (mars_spec §2.1, §6.11).
+* CAD = (ACC + (100 - ASR) + TPR + (100 - FPR)) / 4; (ACC + (100 - ASR)) / 2 for a defense
+  without detection decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["detection_rates", "cad", "make_evaluate", "summarize"]
+
+
+def detection_rates(accepted: jax.Array, is_attacking: jax.Array):
+    """Per-round TPR and FPR in percent (NaN when the round has no attacker / no benign client)."""
+    flagged = accepted <= 0.5
+    mal = is_attacking
+    ben = ~is_attacking
+    n_mal = jnp.sum(mal)
+    n_ben = jnp.sum(ben)
+    tpr = jnp.where(n_mal > 0, 100.0 * jnp.sum(flagged & mal) / jnp.maximum(n_mal, 1), jnp.nan)
+    fpr = jnp.where(n_ben > 0, 100.0 * jnp.sum(flagged & ben) / jnp.maximum(n_ben, 1), jnp.nan)
+    return tpr.astype(jnp.float32), fpr.astype(jnp.float32)
+
+
+def cad(acc, asr, tpr=None, fpr=None):
+    """Comprehensive attack-defense score (%), the paper's CAD."""
+    if tpr is None or fpr is None:
+        return (acc + (100.0 - asr)) / 2.0
+    return (acc + (100.0 - asr) + tpr + (100.0 - fpr)) / 4.0
+
+
+def make_evaluate(
+    model: nn.Module,
+    normalize: Callable[[jax.Array], jax.Array],
+    trigger_fn: Callable[[jax.Array, object], jax.Array],
+    target_label: int,
+    batch_size: int = 1000,
+):
+    """Builds a jitted ``evaluate(variables, attack_state, x_test, y_test) -> dict`` (percent).
+
+    The test set is processed in ``batch_size`` chunks (``lax.map``); the last chunk is padded and
+    masked. Returned keys: ``acc``, ``asr``, ``asr_excl_target``, ``loss``.
+    """
+
+    def logits_of(variables, x):
+        return model.apply(variables, normalize(x), train=False)
+
+    @jax.jit
+    def evaluate(variables, attack_state, x_test, y_test):
+        n = x_test.shape[0]
+        b = min(batch_size, n)
+        chunks = -(-n // b)
+        pad = chunks * b - n
+        xs = jnp.concatenate([x_test, jnp.zeros((pad, *x_test.shape[1:]), x_test.dtype)])
+        ys = jnp.concatenate([y_test, jnp.zeros((pad,), y_test.dtype)])
+        valid = jnp.arange(chunks * b) < n
+        xs = xs.reshape(chunks, b, *x_test.shape[1:])
+        ys = ys.reshape(chunks, b)
+        valid = valid.reshape(chunks, b)
+
+        def one(args):
+            x, y, v = args
+            logits = logits_of(variables, x)
+            pred = jnp.argmax(logits, -1)
+            logp = jax.nn.log_softmax(logits)
+            loss = -jnp.take_along_axis(logp, y[:, None], -1)[:, 0]
+            bd_pred = jnp.argmax(logits_of(variables, trigger_fn(x, attack_state)), -1)
+            hit = bd_pred == target_label
+            not_target = y != target_label
+            return (
+                jnp.sum((pred == y) & v),
+                jnp.sum(hit & v),
+                jnp.sum(hit & v & not_target),
+                jnp.sum(v & not_target),
+                jnp.sum(jnp.where(v, loss, 0.0)),
+            )
+
+        correct, hits, hits_nt, n_nt, loss = jax.tree.map(
+            jnp.sum, jax.lax.map(one, (xs, ys, valid))
+        )
+        return {
+            "acc": 100.0 * correct / n,
+            "asr": 100.0 * hits / n,
+            "asr_excl_target": 100.0 * hits_nt / jnp.maximum(n_nt, 1),
+            "loss": loss / n,
+        }
+
+    return evaluate
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def summarize(records: Sequence[dict], attack_active: bool = True) -> dict:
+    """Paper-style summary of per-round records (``metrics.jsonl`` lines).
+
+    ACC/ASR are the last evaluated round's; TPR/FPR are the means of the per-round rates over the
+    rounds in which the attack was active (all rounds if there is no attack); CAD from those.
+    """
+    evaluated = [r for r in records if r.get("acc") is not None]
+    last = evaluated[-1] if evaluated else {}
+    rounds = [r for r in records if r.get("attack_active")] if attack_active else list(records)
+    if not rounds:
+        rounds = list(records)
+    tpr = _nanmean([r.get("tpr") for r in rounds])
+    fpr = _nanmean([r.get("fpr") for r in rounds])
+    acc = last.get("acc", float("nan"))
+    asr = last.get("asr", float("nan"))
+    out = {
+        "round": last.get("round"),
+        "acc": acc,
+        "asr": asr,
+        "asr_excl_target": last.get("asr_excl_target", float("nan")),
+        "tpr": tpr,
+        "fpr": fpr,
+    }
+    if np.isfinite(tpr) and np.isfinite(fpr):
+        out["cad"] = cad(acc, asr, tpr, fpr)
+    else:
+        # No attacker was ever sampled (TPR undefined): CAD over the defined terms.
+        out["cad"] = cad(acc, asr, 100.0, fpr) if np.isfinite(fpr) else cad(acc, asr)
+    out["dropped"] = int(sum(r.get("num_dropped", 0) for r in records))
+    out["reverted"] = int(sum(r.get("reverted", 0) for r in records))
+    return out

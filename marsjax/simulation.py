@@ -1,0 +1,484 @@
+"""The simulator: one compiled program per round, a thin host loop around it.
+
+:func:`build` turns an :class:`~marsjax.config.ExperimentConfig` into a :class:`Simulation`
+(dataset on the device, partition, model, attack, defense, the jitted round and evaluation).
+``Simulation.round_step(state, data) -> (state, metrics)`` is ONE ``jax.jit``: it samples the
+round's clients, trains all of them along the client axis, lets the attackers craft, drops
+non-finite uploads, runs the defense, applies the server rule and computes the round's detection
+metrics. :func:`run` is the host loop: it evaluates ACC/ASR every few rounds, logs, checkpoints
+and writes the results folder.
+
+Randomness (DESIGN principle 5): everything derives from ``run.seed``. The partition uses its own
+numpy stream; the round key is ``fold_in(key(seed), round)``, split by fixed stream numbers into
+sampling, training, attack and defense keys, so changing the attack does not change which
+clients are sampled, and a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from marsjax import aggregation, attacks, defenses
+from marsjax.client import ClientData, make_local_train, make_normalize
+from marsjax.config import ExperimentConfig, to_dict, validate
+from marsjax.data import Dataset, dirichlet_partition, iid_partition, load_dataset, pattern_trigger
+from marsjax.metrics import detection_rates, make_evaluate, summarize
+from marsjax.models import build_model
+from marsjax.tree import row_is_finite, zero_rows
+from marsjax.types import Variables
+
+__all__ = [
+    "RoundState",
+    "Simulation",
+    "build",
+    "run",
+    "sample_clients",
+    "run_clients",
+    "STREAM_SAMPLE",
+    "STREAM_TRAIN",
+    "STREAM_ATTACK",
+    "STREAM_DEFENSE",
+]
+
+STREAM_SAMPLE, STREAM_TRAIN, STREAM_ATTACK, STREAM_DEFENSE, STREAM_INIT = range(5)
+_PARTITION_SALT = 0x5EED
+
+
+class RoundState(NamedTuple):
+    """Everything that changes between rounds (checkpointed as a whole).
+
+    Attributes:
+      round: int32, the next round to run (0-based).
+      key: the run's root key (``jax.random.key(seed)``); round keys are folded from it.
+      global_variables: the global model ``{"params", "batch_stats"?}``.
+      server_opt_state: the server optimizer's state.
+      defense_state: the defense's state (e.g. FoolsGold's history).
+      attack_state: the attack's state (e.g. 3DFed's indicators).
+    """
+
+    round: jax.Array
+    key: jax.Array
+    global_variables: Variables
+    server_opt_state: Any
+    defense_state: Any
+    attack_state: Any
+
+
+def sample_clients(
+    key: jax.Array,
+    num_clients: int,
+    num_attackers: int,
+    clients_per_round: int,
+    attackers_per_round: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Samples a round's clients without replacement.
+
+    Attackers are the ids ``0 .. num_attackers - 1``. With ``attackers_per_round`` set, exactly
+    that many attackers and ``clients_per_round - attackers_per_round`` benign clients are drawn
+    (the paper: 4 + 16); the rows are then shuffled so that no position reveals an attacker.
+
+    Returns:
+      ``(client_ids int32 [m], is_malicious bool [m])``.
+    """
+    m = clients_per_round
+    if attackers_per_round is None or num_attackers == 0:
+        ids = jax.random.choice(key, num_clients, (m,), replace=False)
+    else:
+        a = attackers_per_round
+        k1, k2, k3 = jax.random.split(key, 3)
+        mal = jax.random.choice(k1, num_attackers, (a,), replace=False)
+        ben = num_attackers + jax.random.choice(
+            k2, num_clients - num_attackers, (m - a,), replace=False
+        )
+        ids = jax.random.permutation(k3, jnp.concatenate([mal, ben]))
+    ids = ids.astype(jnp.int32)
+    return ids, ids < num_attackers
+
+
+def default_client_strategy(backend: str | None = None) -> str:
+    """The client-axis strategy measured fastest on ``backend`` (benchmarks/results/)."""
+    backend = backend or jax.default_backend()
+    return "map" if backend == "cpu" else "vmap"
+
+
+def run_clients(fn: Callable, args: tuple, strategy: str, chunk: int | None = None):
+    """Applies ``fn(*row)`` to every row of the stacked ``args`` along the client axis.
+
+    ``vmap`` runs all clients as one batched program; ``map`` runs them in sequence
+    (``lax.map``), ``chunk`` at a time when set. Both give the same results.
+    """
+    if strategy == "vmap":
+        return jax.vmap(fn)(*args)
+    if strategy == "map":
+        return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
+    raise ValueError(f"client strategy must be 'vmap' or 'map', got {strategy!r}")
+
+
+@dataclasses.dataclass
+class Simulation:
+    """A built experiment (host object; its functions are jitted)."""
+
+    config: ExperimentConfig
+    dataset: Dataset
+    partition: Any
+    model: Any
+    attack: attacks.Attack
+    defense: defenses.Defense
+    data: ClientData
+    x_test: jax.Array
+    y_test: jax.Array
+    round_step: Callable  # jitted: (state, data) -> (state, metrics)
+    multi_round_step: Callable  # jitted: (state, data) -> (state, stacked metrics), k rounds
+    evaluate: Callable  # jitted: (variables, attack_state, x, y) -> dict
+    init_state: Callable[[], RoundState]
+    attack_active: Callable[[int], bool]
+    traces: dict  # how many times each compiled function was traced (tests: trace once)
+
+    def eval_state(self, state: RoundState) -> dict:
+        out = self.evaluate(state.global_variables, state.attack_state, self.x_test, self.y_test)
+        return {k: float(v) for k, v in out.items()}
+
+
+def _partition(cfg: ExperimentConfig, ds: Dataset):
+    seed = int(np.random.SeedSequence([cfg.run.seed, _PARTITION_SALT]).generate_state(1)[0])
+    if cfg.data.partition == "iid":
+        return iid_partition(ds.y_train, cfg.data.num_clients, seed, ds.num_classes)
+    return dirichlet_partition(
+        ds.y_train, cfg.data.num_clients, cfg.data.dirichlet_alpha, seed, ds.num_classes
+    )
+
+
+def build(
+    cfg: ExperimentConfig,
+    dataset: Dataset | None = None,
+    *,
+    client_strategy: str | None = None,
+) -> Simulation:
+    """Validates ``cfg`` and builds the compiled round, evaluation and initial state.
+
+    Args:
+      cfg: the experiment.
+      dataset: an already-loaded dataset (tests, sweeps); loaded from ``cfg.data`` otherwise.
+      client_strategy: overrides ``cfg.run.client_strategy``.
+    """
+    validate(cfg)
+    d, r, a, t = cfg.data, cfg.run, cfg.attack, cfg.train
+    ds = dataset if dataset is not None else load_dataset(d.name, d.data_dir, d.source)
+    part = _partition(cfg, ds)
+    model = build_model(
+        cfg.model.name,
+        ds.num_classes,
+        batch_norm=cfg.model.batch_norm,
+        conv_impl=cfg.model.conv_impl,
+        stem=cfg.model.stem,
+        width=cfg.model.width,
+    )
+    normalize = make_normalize(ds.mean, ds.std)
+    trigger = pattern_trigger(ds.image_shape, a.trigger_top, a.trigger_left)
+    m = r.clients_per_round
+    # Attackers are sampled as configured even with attack "none" (they then train honestly), so
+    # that changing the attack never changes which clients a round samples.
+    num_attackers = a.num_attackers
+    apr = a.attackers_per_round if num_attackers else None
+    if apr is None:
+        expected_attackers = int(round(m * num_attackers / d.num_clients))
+    else:
+        expected_attackers = apr
+    has_attack = a.name != "none" and num_attackers > 0
+    if not has_attack:
+        expected_attackers = 0
+
+    actx = attacks.AttackContext(
+        model=model,
+        normalize=normalize,
+        train=t,
+        target_label=a.target_label,
+        poison_fraction=a.poison_fraction,
+        trigger=trigger,
+        num_classes=ds.num_classes,
+        image_shape=ds.image_shape,
+        num_clients=d.num_clients,
+        num_attackers=num_attackers,
+        clients_per_round=m,
+        attackers_per_round=expected_attackers,
+    )
+    attack = attacks.make(a.name, actx, **a.options)
+    dctx = defenses.DefenseContext(
+        model=model,
+        num_clients=d.num_clients,
+        clients_per_round=m,
+        attackers_per_round=expected_attackers,
+        num_classes=ds.num_classes,
+        image_shape=ds.image_shape,
+        normalize=normalize,
+    )
+    defense = defenses.make(cfg.defense.name, dctx, **cfg.defense.options)
+
+    def batch_fn(key, x, y, aux):
+        flag, attack_state = aux
+        px, py = attack.poison(key, x, y, attack_state)
+        return jnp.where(flag, px, x), jnp.where(flag, py, y)
+
+    local_train = make_local_train(
+        model,
+        normalize,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        batch_size=t.batch_size,
+        epochs=t.local_epochs,
+        steps=t.local_steps,
+        drop_last=t.drop_last,
+        batch_fn=batch_fn if a.name != "none" else None,
+    )
+    strategy = client_strategy or r.client_strategy
+    if strategy == "auto":
+        strategy = default_client_strategy()
+    server_opt = aggregation.server_optimizer()
+    start, stop = a.start_round, a.stop_round if a.stop_round is not None else 2**31 - 1
+
+    traces = {"round": 0}
+
+    def one_round(state: RoundState, data: ClientData):
+        traces["round"] += 1  # Python side effect: runs at trace time only
+        rnd = state.round
+        base = jax.random.fold_in(state.key, rnd)
+        k_sample, k_train, k_attack, k_defense = (
+            jax.random.fold_in(base, s)
+            for s in (STREAM_SAMPLE, STREAM_TRAIN, STREAM_ATTACK, STREAM_DEFENSE)
+        )
+        ids, is_mal = sample_clients(k_sample, d.num_clients, num_attackers, m, apr)
+        active = (rnd >= start) & (rnd < stop) & has_attack
+        is_attacking = is_mal & active
+        idx = data.indices[ids]
+        counts = data.counts[ids]
+        g = state.global_variables
+        keys = jax.random.split(k_train, m)
+
+        def client(key, idx_row, count, flag):
+            return local_train(g, key, data, idx_row, count, (flag, state.attack_state))
+
+        trained, losses = run_clients(
+            client, (keys, idx, counts, is_attacking), strategy, r.client_chunk
+        )
+        updates = jax.tree.map(lambda n, g0: n - g0[None], trained, g)
+
+        cctx = attacks.CraftContext(g, rnd, ids, is_attacking, data, counts)
+        if has_attack:
+            updates, attack_state = jax.lax.cond(
+                active & jnp.any(is_attacking),
+                lambda u, s: attack.craft(k_attack, u, s, cctx),
+                lambda u, s: (u, s),
+                updates,
+                state.attack_state,
+            )
+        else:
+            attack_state = state.attack_state
+
+        finite = row_is_finite(updates)
+        if r.weighting == "num_samples":
+            weights = counts.astype(jnp.float32)
+        else:
+            weights = jnp.ones((m,), jnp.float32)
+        weights = jnp.where(finite, weights, 0.0)
+        updates = zero_rows(updates, finite)
+        result, defense_state = defense.apply(
+            k_defense, updates, state.defense_state, global_variables=g, client_weights=weights
+        )
+        accepted = jnp.where(finite, result.accepted, 0.0)
+        scale = aggregation.rule_scale(
+            r.server_rule,
+            jnp.sum(accepted * (weights > 0)),
+            server_lr=r.server_lr,
+            eta=r.eta,
+            num_clients=d.num_clients,
+        )
+        new_g, opt_state = aggregation.apply_update(
+            g, result.update, scale, server_opt, state.server_opt_state
+        )
+        ok = aggregation.tree_all_finite(new_g)
+        new_g = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_g, g)
+        opt_state = jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o), opt_state, state.server_opt_state
+        )
+        tpr, fpr = detection_rates(accepted, is_attacking)
+        benign = ~is_attacking
+        metrics = {
+            "round": rnd,
+            "attack_active": active,
+            "tpr": tpr,
+            "fpr": fpr,
+            "num_attackers": jnp.sum(is_attacking).astype(jnp.int32),
+            "num_flagged": jnp.sum(accepted <= 0.5).astype(jnp.int32),
+            "num_dropped": jnp.sum(~finite).astype(jnp.int32),
+            "reverted": (~ok).astype(jnp.int32),
+            "train_loss": jnp.sum(jnp.where(benign, losses, 0.0)) / jnp.maximum(jnp.sum(benign), 1),
+            "client_ids": ids,
+            "is_attacking": is_attacking,
+            "accepted": accepted,
+            "scores": result.scores,
+        }
+        new_state = RoundState(rnd + 1, state.key, new_g, opt_state, defense_state, attack_state)
+        return new_state, metrics
+
+    round_step = jax.jit(one_round, donate_argnums=(0,))
+    k = r.rounds_per_call
+
+    def k_rounds(state, data):
+        return jax.lax.scan(lambda s, _: one_round(s, data), state, None, length=k)
+
+    multi_round_step = jax.jit(k_rounds, donate_argnums=(0,))
+
+    data = ClientData(
+        jnp.asarray(ds.x_train),
+        jnp.asarray(ds.y_train),
+        jnp.asarray(part.indices),
+        jnp.asarray(part.counts),
+    )
+    evaluate = make_evaluate(model, normalize, attack.trigger, a.target_label, r.eval_batch_size)
+
+    def init_state() -> RoundState:
+        root = jax.random.key(r.seed)
+        x0 = jnp.zeros((1, *ds.image_shape), jnp.float32)
+        variables = dict(model.init(jax.random.fold_in(root, STREAM_INIT), x0))
+        if r.init_checkpoint:
+            from marsjax import checkpoint
+
+            variables = checkpoint.load_variables(r.init_checkpoint, like=variables)
+        return RoundState(
+            jnp.int32(0),
+            root,
+            variables,
+            server_opt.init(variables["params"]),
+            defense.init(variables),
+            attack.init(variables),
+        )
+
+    return Simulation(
+        config=cfg,
+        dataset=ds,
+        partition=part,
+        model=model,
+        attack=attack,
+        defense=defense,
+        data=data,
+        x_test=jnp.asarray(ds.x_test),
+        y_test=jnp.asarray(ds.y_test),
+        round_step=round_step,
+        multi_round_step=multi_round_step,
+        evaluate=evaluate,
+        init_state=init_state,
+        attack_active=lambda i: bool(has_attack and start <= i < stop),
+        traces=traces,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Host loop
+
+
+def _to_record(metrics: dict, index: int | None = None) -> dict:
+    rec = {}
+    for k, v in metrics.items():
+        v = np.asarray(v if index is None else v[index])
+        if v.ndim == 0:
+            x = v.item()
+            if isinstance(x, float) and not math.isfinite(x):
+                x = None
+            rec[k] = x
+        else:
+            rec[k] = [
+                None if isinstance(e, float) and not math.isfinite(e) else e for e in v.tolist()
+            ]
+    return rec
+
+
+def run(
+    cfg: ExperimentConfig,
+    *,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    sim: Simulation | None = None,
+    state: RoundState | None = None,
+    records: list[dict] | None = None,
+    callback: Callable[[RoundState, list[dict]], None] | None = None,
+) -> dict:
+    """Runs ``cfg`` to the end and returns ``{"summary", "records", "state", "sim"}``.
+
+    Writes, when ``cfg.run.out_dir`` is set: ``config.json`` (resolved), ``metrics.jsonl`` (one
+    line per round), ``summary.json``, ``summary.md`` and ``curves.png``.
+
+    Args:
+      cfg: the experiment.
+      dataset: a preloaded dataset.
+      progress: show a progress bar with round / ACC / ASR.
+      sim, state, records: continue an existing simulation (resume).
+      callback: called after every host step with the state and records so far (checkpointing).
+    """
+    sim = sim or build(cfg, dataset)
+    state = state if state is not None else sim.init_state()
+    records = list(records or [])
+    r = cfg.run
+    out = pathlib.Path(r.out_dir) if r.out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=r.rounds, initial=int(state.round), desc=cfg.name, unit="round")
+    t0 = time.perf_counter()
+    last_eval: dict = {}
+    while int(state.round) < r.rounds:
+        left = r.rounds - int(state.round)
+        if r.rounds_per_call > 1 and left >= r.rounds_per_call:
+            state, stacked = sim.multi_round_step(state, sim.data)
+            new = [_to_record(stacked, i) for i in range(r.rounds_per_call)]
+        else:
+            state, metrics = sim.round_step(state, sim.data)
+            new = [_to_record(metrics)]
+        done = int(state.round)
+        if done % r.eval_every == 0 or done == r.rounds or r.rounds_per_call > 1:
+            last_eval = sim.eval_state(state)
+            new[-1].update(last_eval)
+        new[-1]["elapsed_s"] = time.perf_counter() - t0
+        records.extend(new)
+        if out:
+            with open(out / "metrics.jsonl", "a") as f:
+                for rec in new:
+                    f.write(json.dumps(rec) + "\n")
+        if bar is not None:
+            bar.update(len(new))
+            if last_eval:
+                bar.set_postfix(ACC=f"{last_eval['acc']:.1f}", ASR=f"{last_eval['asr']:.1f}")
+        if callback is not None:
+            callback(state, records)
+    if bar is not None:
+        bar.close()
+    summary = summarize(records, attack_active=cfg.attack.name != "none")
+    summary["name"] = cfg.name
+    summary["attack"] = cfg.attack.name
+    summary["defense"] = cfg.defense.name
+    summary["rounds"] = int(state.round)
+    summary["wall_s"] = time.perf_counter() - t0
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from marsjax import report
+
+        (out / "summary.md").write_text(report.summary_markdown([summary]))
+        try:
+            report.plot_curves(records, out / "curves.png", title=cfg.name)
+        except Exception as e:  # plotting must never lose a finished run
+            (out / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
+    return {"summary": summary, "records": records, "state": state, "sim": sim}

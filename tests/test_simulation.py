@@ -1,0 +1,139 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marsjax import simulation
+from marsjax.config import get_preset, override
+from marsjax.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _cfg(**changes):
+    cfg = get_preset("demo", defense="fedavg")
+    base = {"run.rounds": 4, "run.eval_every": 2}
+    base.update(changes)
+    return override(cfg, base)
+
+
+def test_sampling_exact_attackers_and_no_repeats():
+    for s in range(20):
+        ids, mal = simulation.sample_clients(jax.random.key(s), 100, 20, 20, 4)
+        ids, mal = np.asarray(ids), np.asarray(mal)
+        assert len(set(ids.tolist())) == 20
+        assert mal.sum() == 4 and np.all(ids[mal] < 20) and np.all(ids[~mal] >= 20)
+    # attackers are not always in the first rows
+    firsts = [
+        np.asarray(simulation.sample_clients(jax.random.key(s), 100, 20, 20, 4)[1])[:4].all()
+        for s in range(20)
+    ]
+    assert not all(firsts)
+    ids, mal = simulation.sample_clients(jax.random.key(0), 100, 20, 20, None)
+    assert len(set(np.asarray(ids).tolist())) == 20
+    assert np.array_equal(np.asarray(mal), np.asarray(ids) < 20)
+
+
+def test_round_traced_once_and_strategies_agree(digits):
+    sims = {s: simulation.build(_cfg(), digits, client_strategy=s) for s in ("vmap", "map")}
+    out = {}
+    for s, sim in sims.items():
+        state = sim.init_state()
+        recs = []
+        for _ in range(3):
+            state, m = sim.round_step(state, sim.data)
+            recs.append(m)
+        assert sim.traces["round"] == 1
+        out[s] = (state, recs)
+    a, b = out["vmap"][0].global_variables, out["map"][0].global_variables
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)
+    for ma, mb in zip(out["vmap"][1], out["map"][1]):
+        np.testing.assert_array_equal(np.asarray(ma["client_ids"]), np.asarray(mb["client_ids"]))
+
+
+def test_same_seed_same_run_other_seed_differs(digits):
+    r1 = simulation.run(_cfg(), dataset=digits, progress=False)
+    r2 = simulation.run(_cfg(), dataset=digits, progress=False)
+    r3 = simulation.run(_cfg(**{"run.seed": 1}), dataset=digits, progress=False)
+    assert r1["summary"]["acc"] == r2["summary"]["acc"]
+    for x, y in zip(
+        jax.tree.leaves(r1["state"].global_variables), jax.tree.leaves(r2["state"].global_variables)
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert r1["records"][0]["client_ids"] != r3["records"][0]["client_ids"]
+
+
+def test_attack_choice_does_not_change_partition_or_sampling(digits):
+    a = simulation.run(
+        _cfg(**{"attack.name": "none", "attack.options": {}}), dataset=digits, progress=False
+    )
+    b = simulation.run(_cfg(), dataset=digits, progress=False)
+    assert [r["client_ids"] for r in a["records"]] == [r["client_ids"] for r in b["records"]]
+    assert np.array_equal(a["sim"].partition.indices, b["sim"].partition.indices)
+
+
+def test_scan_of_rounds_equals_single_rounds(digits):
+    one = simulation.run(_cfg(), dataset=digits, progress=False)
+    two = simulation.run(_cfg(**{"run.rounds_per_call": 2}), dataset=digits, progress=False)
+    for x, y in zip(
+        jax.tree.leaves(one["state"].global_variables),
+        jax.tree.leaves(two["state"].global_variables),
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_fedavg_learns_and_badnets_backdoors(digits, tmp_path):
+    clean = simulation.run(
+        _cfg(
+            **{"run.rounds": 15, "run.eval_every": 15, "attack.name": "none", "attack.options": {}}
+        ),
+        dataset=digits,
+        progress=False,
+    )
+    attacked = simulation.run(
+        _cfg(**{"run.rounds": 15, "run.eval_every": 15, "run.out_dir": str(tmp_path / "r")}),
+        dataset=digits,
+        progress=False,
+    )
+    c, a = clean["summary"], attacked["summary"]
+    print("clean", c, "\nattacked", a)
+    assert c["acc"] > 85.0
+    assert c["asr"] < 30.0
+    assert a["asr"] > c["asr"] + 50.0
+    assert a["tpr"] == 0.0 and a["fpr"] == 0.0  # FedAvg flags nobody
+    # results folder
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "summary.md", "curves.png"} <= files
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().strip().splitlines()
+    assert len(lines) == 15
+
+
+def test_nonfinite_upload_is_dropped_and_model_stays_finite(digits):
+    from marsjax.attacks import REGISTRY, Attack, EmptyState
+
+    def nan_attack(ctx):
+        def craft(key, updates, state, c):
+            bad = c.is_malicious
+            return jax.tree.map(
+                lambda u: jnp.where(bad.reshape((-1,) + (1,) * (u.ndim - 1)), jnp.nan, u), updates
+            ), state
+
+        return Attack(lambda v: EmptyState(), lambda k, x, y, s: (x, y), craft, lambda x, s: x)
+
+    REGISTRY["_nan_test"] = nan_attack
+    try:
+        res = simulation.run(
+            _cfg(**{"attack.name": "_nan_test", "attack.options": {}}),
+            dataset=digits,
+            progress=False,
+        )
+    finally:
+        del REGISTRY["_nan_test"]
+    assert all(r["num_dropped"] == 2 for r in res["records"])
+    assert all(r["tpr"] == 100.0 for r in res["records"])  # dropped = flagged
+    for leaf in jax.tree.leaves(res["state"].global_variables):
+        assert np.all(np.isfinite(np.asarray(leaf)))
