@@ -169,6 +169,8 @@ class RunConfig:
         ``batch_size``); ``None`` = one at a time.
       eval_every: evaluate ACC/ASR every this many rounds (and after the last).
       rounds_per_call: rounds run inside one compiled call (``lax.scan``) between host steps.
+      shard_clients: spread the client axis over all devices (a ``"clients"`` mesh) when there
+        is more than one; the mesh uses the largest device count dividing ``clients_per_round``.
       eval_batch_size: test-set batch size.
       out_dir: results folder (``None``: no files).
       checkpoint_every: save a checkpoint every this many rounds (0: never).
@@ -186,6 +188,7 @@ class RunConfig:
     client_chunk: int | None = None
     eval_every: int = 1
     rounds_per_call: int = 1
+    shard_clients: bool = True
     eval_batch_size: int = 1000
     out_dir: str | None = None
     checkpoint_every: int = 0
@@ -309,6 +312,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_int("run.client_chunk", r.client_chunk, lo=1, hi=r.clients_per_round, allow_none=True)
     _check_int("run.eval_every", r.eval_every, lo=1)
     _check_int("run.rounds_per_call", r.rounds_per_call, lo=1)
+    _check_bool("run.shard_clients", r.shard_clients)
     _check_int("run.eval_batch_size", r.eval_batch_size, lo=1)
     _check_int("run.checkpoint_every", r.checkpoint_every, lo=0)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marsjax import aggregation, attacks, defenses
+from marsjax import aggregation, attacks, defenses, sharding
 from marsjax.client import ClientData, make_local_train, make_normalize
 from marsjax.config import ExperimentConfig, to_dict, validate
 from marsjax.data import Dataset, dirichlet_partition, iid_partition, load_dataset, pattern_trigger
@@ -143,10 +143,11 @@ class Simulation:
     init_state: Callable[[], RoundState]
     attack_active: Callable[[int], bool]
     traces: dict  # how many times each compiled function was traced (tests: trace once)
+    mesh: Any = None  # the "clients" mesh, or None on one device
 
     def eval_state(self, state: RoundState) -> dict:
         out = self.evaluate(state.global_variables, state.attack_state, self.x_test, self.y_test)
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(sharding.to_host(v)) for k, v in out.items()}
 
 
 def _partition(cfg: ExperimentConfig, ds: Dataset):
@@ -163,6 +164,7 @@ def build(
     dataset: Dataset | None = None,
     *,
     client_strategy: str | None = None,
+    mesh: Any = "auto",
 ) -> Simulation:
     """Validates ``cfg`` and builds the compiled round, evaluation and initial state.
 
@@ -170,6 +172,9 @@ def build(
       cfg: the experiment.
       dataset: an already-loaded dataset (tests, sweeps); loaded from ``cfg.data`` otherwise.
       client_strategy: overrides ``cfg.run.client_strategy``.
+      mesh: a ``jax.sharding.Mesh`` with axis ``"clients"``, ``None`` (one device), or
+        ``"auto"``: :func:`marsjax.sharding.mesh_for` over all devices if
+        ``run.shard_clients``.
     """
     validate(cfg)
     d, r, a, t = cfg.data, cfg.run, cfg.attack, cfg.train
@@ -249,6 +254,25 @@ def build(
 
     traces = {"round": 0}
 
+    if isinstance(mesh, str):
+        mesh = sharding.mesh_for(m) if r.shard_clients else None
+
+    def train_block(keys, idx, counts, flags, g, attack_state, data):
+        def client(key, idx_row, count, flag):
+            return local_train(g, key, data, idx_row, count, (flag, attack_state))
+
+        return run_clients(client, (keys, idx, counts, flags), strategy, r.client_chunk)
+
+    if mesh is not None:
+        spec_c, spec_r = sharding.P(sharding.CLIENTS), sharding.P()
+        train_block = jax.shard_map(
+            train_block,
+            mesh=mesh,
+            in_specs=(spec_c, spec_c, spec_c, spec_c, spec_r, spec_r, spec_r),
+            out_specs=spec_c,
+            check_vma=False,
+        )
+
     def one_round(state: RoundState, data: ClientData):
         traces["round"] += 1  # Python side effect: runs at trace time only
         rnd = state.round
@@ -264,13 +288,7 @@ def build(
         counts = data.counts[ids]
         g = state.global_variables
         keys = jax.random.split(k_train, m)
-
-        def client(key, idx_row, count, flag):
-            return local_train(g, key, data, idx_row, count, (flag, state.attack_state))
-
-        trained, losses = run_clients(
-            client, (keys, idx, counts, is_attacking), strategy, r.client_chunk
-        )
+        trained, losses = train_block(keys, idx, counts, is_attacking, g, state.attack_state, data)
         updates = jax.tree.map(lambda n, g0: n - g0[None], trained, g)
 
         cctx = attacks.CraftContext(g, rnd, ids, is_attacking, data, counts)
@@ -329,6 +347,10 @@ def build(
             "scores": result.scores,
         }
         new_state = RoundState(rnd + 1, state.key, new_g, opt_state, defense_state, attack_state)
+        if mesh is not None:  # what leaves the round is replicated: every process can read it
+            new_state, metrics = jax.lax.with_sharding_constraint(
+                (new_state, metrics), sharding.replicated(mesh)
+            )
         return new_state, metrics
 
     round_step = jax.jit(one_round, donate_argnums=(0,))
@@ -339,12 +361,11 @@ def build(
 
     multi_round_step = jax.jit(k_rounds, donate_argnums=(0,))
 
-    data = ClientData(
-        jnp.asarray(ds.x_train),
-        jnp.asarray(ds.y_train),
-        jnp.asarray(part.indices),
-        jnp.asarray(part.counts),
+    data = sharding.put_replicated(
+        ClientData(ds.x_train, ds.y_train, part.indices, part.counts), mesh
     )
+    if mesh is None:
+        data = ClientData(*(jnp.asarray(x) for x in data))
     evaluate = make_evaluate(model, normalize, attack.trigger, a.target_label, r.eval_batch_size)
 
     def init_state() -> RoundState:
@@ -355,7 +376,7 @@ def build(
             from marsjax import checkpoint
 
             variables = checkpoint.load_variables(r.init_checkpoint, like=variables)
-        return RoundState(
+        state = RoundState(
             jnp.int32(0),
             root,
             variables,
@@ -363,6 +384,7 @@ def build(
             defense.init(variables),
             attack.init(variables),
         )
+        return sharding.put_replicated(state, mesh)
 
     return Simulation(
         config=cfg,
@@ -372,14 +394,15 @@ def build(
         attack=attack,
         defense=defense,
         data=data,
-        x_test=jnp.asarray(ds.x_test),
-        y_test=jnp.asarray(ds.y_test),
+        x_test=sharding.put_replicated(jnp.asarray(ds.x_test), mesh),
+        y_test=sharding.put_replicated(jnp.asarray(ds.y_test), mesh),
         round_step=round_step,
         multi_round_step=multi_round_step,
         evaluate=evaluate,
         init_state=init_state,
         attack_active=lambda i: bool(has_attack and start <= i < stop),
         traces=traces,
+        mesh=mesh,
     )
 
 
@@ -387,10 +410,15 @@ def build(
 # Host loop
 
 
+def _round_of(state: RoundState) -> int:
+    return int(sharding.to_host(state.round))
+
+
 def _to_record(metrics: dict, index: int | None = None) -> dict:
     rec = {}
     for k, v in metrics.items():
-        v = np.asarray(v if index is None else v[index])
+        v = sharding.to_host(v)
+        v = v if index is None else v[index]
         if v.ndim == 0:
             x = v.item()
             if isinstance(x, float) and not math.isfinite(x):
@@ -437,18 +465,18 @@ def run(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=r.rounds, initial=int(state.round), desc=cfg.name, unit="round")
+        bar = tqdm(total=r.rounds, initial=_round_of(state), desc=cfg.name, unit="round")
     t0 = time.perf_counter()
     last_eval: dict = {}
-    while int(state.round) < r.rounds:
-        left = r.rounds - int(state.round)
+    while _round_of(state) < r.rounds:
+        left = r.rounds - _round_of(state)
         if r.rounds_per_call > 1 and left >= r.rounds_per_call:
             state, stacked = sim.multi_round_step(state, sim.data)
             new = [_to_record(stacked, i) for i in range(r.rounds_per_call)]
         else:
             state, metrics = sim.round_step(state, sim.data)
             new = [_to_record(metrics)]
-        done = int(state.round)
+        done = _round_of(state)
         if done % r.eval_every == 0 or done == r.rounds or r.rounds_per_call > 1:
             last_eval = sim.eval_state(state)
             new[-1].update(last_eval)
@@ -470,7 +498,7 @@ def run(
     summary["name"] = cfg.name
     summary["attack"] = cfg.attack.name
     summary["defense"] = cfg.defense.name
-    summary["rounds"] = int(state.round)
+    summary["rounds"] = _round_of(state)
     summary["wall_s"] = time.perf_counter() - t0
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
