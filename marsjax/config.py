@@ -56,6 +56,9 @@ class DataConfig:
       num_clients: clients in the federation.
       partition: ``dirichlet`` (per-class Dirichlet, the paper's) or ``iid``.
       dirichlet_alpha: concentration (> 0); the paper uses 0.9.
+      server_samples: clean training samples the server holds (FLTrust's root data,
+        BackdoorIndicator's clean data), drawn from the training set with their own seed; they may
+        also belong to a client, as a root set drawn from the same distribution would.
     """
 
     name: str = "digits"
@@ -64,6 +67,7 @@ class DataConfig:
     num_clients: int = 100
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.9
+    server_samples: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +284,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_int("data.num_clients", d.num_clients, lo=1)
     _check_choice("data.partition", d.partition, ("dirichlet", "iid"))
     _check_float("data.dirichlet_alpha", d.dirichlet_alpha, lo=0, lo_open=True)
+    _check_int("data.server_samples", d.server_samples, lo=0)
 
     _check_choice("model.name", m.name, MODELS)
     _check_bool("model.batch_norm", m.batch_norm)

@@ -52,6 +52,7 @@ __all__ = [
 
 STREAM_SAMPLE, STREAM_TRAIN, STREAM_ATTACK, STREAM_DEFENSE, STREAM_INIT = range(5)
 _PARTITION_SALT = 0x5EED
+_SERVER_SALT = 0x5E4E
 
 
 class RoundState(NamedTuple):
@@ -218,6 +219,13 @@ def build(
         attackers_per_round=expected_attackers,
     )
     attack = attacks.make(a.name, actx, **a.options)
+    server_data = None
+    if d.server_samples:
+        seed = int(np.random.SeedSequence([r.seed, _SERVER_SALT]).generate_state(1)[0])
+        pick = np.random.default_rng(seed).choice(
+            len(ds.y_train), min(d.server_samples, len(ds.y_train)), replace=False
+        )
+        server_data = (ds.x_train[np.sort(pick)], ds.y_train[np.sort(pick)])
     dctx = defenses.DefenseContext(
         model=model,
         num_clients=d.num_clients,
@@ -226,6 +234,7 @@ def build(
         num_classes=ds.num_classes,
         image_shape=ds.image_shape,
         normalize=normalize,
+        server_data=server_data,
     )
     defense = defenses.make(cfg.defense.name, dctx, **cfg.defense.options)
 
