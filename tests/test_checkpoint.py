@@ -1,0 +1,421 @@
+"""Checkpoint and resume: a killed run resumes to exactly the uninterrupted run; bad input refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from marsjax import checkpoint, cli, simulation
+from marsjax.checkpoint import CheckpointError, Checkpointer
+from marsjax.config import from_dict, get_preset, override
+from marsjax.data import load_dataset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    out = []
+    for x in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        out.append(np.array(x))
+    return out
+
+
+def _assert_trees_equal(a, b) -> None:
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+def _strip(records) -> list[list]:
+    """The records without the wall-clock time, as (key, value) lists: key order counts too."""
+    return [[(k, v) for k, v in r.items() if k != "elapsed_s"] for r in records]
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Acceptance: SIGKILL between checkpoints and during a save, resume, same metrics and model.
+
+# Runs `marsjax` and stops at a chosen point (writing a marker file) so that the test can SIGKILL
+# it exactly there: during the save of a step (after its files are written, before orbax's
+# finalizing rename), or after a host step between two checkpoints.
+_DRIVER = r"""
+import os, pathlib, sys, time
+marker = pathlib.Path(os.environ["MARKER"])
+hang_save = os.environ.get("HANG_SAVE")
+hang_after = os.environ.get("HANG_AFTER")
+from orbax.checkpoint._src.path import atomicity
+from marsjax import checkpoint, cli
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def hanging_finalize(self, *args, **kwargs):
+    if self.get_final().name == hang_save:
+        marker.write_text("saving")
+        time.sleep(600)
+    return await finalize(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = hanging_finalize
+call = checkpoint.Checkpointer.__call__
+
+def hanging_call(self, state, records):
+    call(self, state, records)
+    if hang_after is not None and int(state.round) == int(hang_after):
+        marker.write_text("between")
+        time.sleep(600)
+
+checkpoint.Checkpointer.__call__ = hanging_call
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+_SETS = ["--set", "run.rounds=6", "--set", "run.eval_every=2", "--set", "run.rounds_per_call=1"]
+
+
+def _start(tmp_path, args, name, **hang) -> tuple[subprocess.Popen, pathlib.Path]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    marker = tmp_path / f"{name}.marker"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "MARKER": str(marker),
+        # compiled once by the first process, loaded from disk by the others (saves ~5 s each)
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        **{k: str(v) for k, v in hang.items()},
+    }
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), *args], cwd=tmp_path, env=env, stdout=log, stderr=log
+    )
+    return proc, marker
+
+
+def _kill_at_marker(proc, marker, tmp_path, name, timeout=240.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"{name} ended ({proc.returncode}) before the kill point:\n" + _log(tmp_path, name)
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{name} never reached the kill point:\n" + _log(tmp_path, name))
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return marker.read_text()
+
+
+def _log(tmp_path, name) -> str:
+    return (tmp_path / f"{name}.log").read_text()[-4000:]
+
+
+def _finish(proc, tmp_path, name, timeout=240.0) -> None:
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, _log(tmp_path, name)
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_and_between_checkpoints_then_resume_is_exact(tmp_path):
+    run_args = ["run", "demo", *_SETS, "--checkpoint-every", "2", "--quiet"]
+    # 1. Killed while saving round 4 (its files written, not yet renamed into place).
+    first, marker = _start(tmp_path, [*run_args, "--out", "run"], "first", HANG_SAVE=4)
+    assert _kill_at_marker(first, marker, tmp_path, "first") == "saving"
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()), list(ckpts.iterdir())
+    assert checkpoint.latest_round(tmp_path / "run") == 2  # the interrupted save is invisible
+    assert len(_jsonl(tmp_path / "run" / "metrics.jsonl")) == 4
+    # The reference: uninterrupted (in parallel with the next attempt).
+    base, _ = _start(tmp_path, [*run_args, "--out", "base"], "base")
+    # 2. Resumed from the checkpoint's own config, killed between checkpoints (after round 5).
+    second, marker = _start(tmp_path, ["run", "--resume", "run", "--quiet"], "second", HANG_AFTER=5)
+    assert _kill_at_marker(second, marker, tmp_path, "second") == "between"
+    assert "from its checkpoint of round 2" in _log(tmp_path, "second")
+    assert checkpoint.latest_round(tmp_path / "run") == 4
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir())
+    assert len(_jsonl(tmp_path / "run" / "metrics.jsonl")) == 5
+    # 3. Resumed with the config given again, to the end.
+    third, _ = _start(tmp_path, [*run_args[:-1], "--resume", "run", "--quiet"], "third")
+    _finish(third, tmp_path, "third")
+    _finish(base, tmp_path, "base")
+    assert "from its checkpoint of round 4" in _log(tmp_path, "third")
+
+    got, want = (
+        _jsonl(tmp_path / "run" / "metrics.jsonl"),
+        _jsonl(tmp_path / "base" / "metrics.jsonl"),
+    )
+    assert [r["round"] for r in got] == list(range(6))
+    assert _strip(got) == _strip(want)
+    summary = lambda d: {  # noqa: E731
+        k: v
+        for k, v in json.loads((tmp_path / d / "summary.json").read_text()).items()
+        if k != "wall_s"
+    }
+    assert summary("run") == summary("base")
+    # The whole final state (model, optimizer, defense and attack states, key), bit for bit.
+    meta = checkpoint.read_meta(tmp_path / "run")
+    assert meta["round"] == 6
+    cfg = from_dict(meta["config"])
+    sim = simulation.build(cfg)
+    like = sim.init_state()
+    s_run, r_run = Checkpointer(ckpts, cfg).restore(like, check_config=False)
+    s_base, r_base = Checkpointer(tmp_path / "base" / "checkpoints", cfg).restore(
+        like, check_config=False
+    )
+    _assert_trees_equal(s_run, s_base)
+    assert _strip(r_run) == _strip(r_base) == _strip(want)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process: one compiled simulation, checkpoints of every round, restored and continued.
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _cfg(out_dir, **changes):
+    base = {
+        "run.rounds": 4,
+        "run.eval_every": 2,
+        "run.checkpoint_every": 1,
+        "run.out_dir": str(out_dir),
+    }
+    return override(get_preset("demo", defense="fedavg"), {**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, digits):
+    """A 4-round run saving every round (all kept), with its final state copied to the host."""
+    out = tmp_path_factory.mktemp("finished")
+    cfg = _cfg(out)
+    res = checkpoint.run_resumable(cfg, dataset=digits, progress=False, keep=10)
+    return {
+        "cfg": cfg,
+        "out": out,
+        "sim": res["sim"],
+        "final": _leaves(res["state"]),
+        "records": res["records"],
+        "lines": _jsonl(out / "metrics.jsonl"),
+    }
+
+
+def test_every_round_saved_and_resume_from_each_is_bitwise(finished, tmp_path):
+    cfg, sim = finished["cfg"], finished["sim"]
+    ckpt = Checkpointer(finished["out"] / "checkpoints", cfg, dataset=sim.dataset)
+    assert ckpt.rounds() == [1, 2, 3, 4]
+    assert not (finished["out"] / "checkpoints" / "_trash").exists() or not any(
+        (finished["out"] / "checkpoints" / "_trash").iterdir()
+    )
+    for start in (1, 3):
+        state, records = ckpt.restore(sim.init_state(), round=start)
+        assert int(state.round) == start and len(records) == start
+        assert _strip(records) == _strip(finished["records"][:start])
+        res = simulation.run(
+            override(cfg, {"run.out_dir": None}),
+            sim=sim,
+            state=state,
+            records=records,
+            progress=False,
+        )
+        for a, b in zip(_leaves(res["state"]), finished["final"]):
+            np.testing.assert_array_equal(a, b)
+        assert _strip(res["records"]) == _strip(finished["records"])
+    # the latest checkpoint holds the final state, and metrics.jsonl the same records
+    state, records = ckpt.restore(sim.init_state())
+    for a, b in zip(_leaves(state), finished["final"]):
+        np.testing.assert_array_equal(a, b)
+    assert records == finished["lines"]
+
+
+def test_resume_truncates_metrics_and_extends_rounds(finished, tmp_path, digits):
+    """A copy of the run resumed from round 2 with run.rounds raised to 5: metrics.jsonl is cut
+    back to the checkpoint, then continues exactly like the original."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished["out"], out)
+    for step in (3, 4):
+        shutil.rmtree(out / "checkpoints" / str(step))
+    cfg = _cfg(out, **{"run.rounds": 5, "run.eval_every": 1})  # bookkeeping fields may change
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + "half a li")
+    res = checkpoint.run_resumable(
+        cfg, resume=True, dataset=digits, progress=False, sim=finished["sim"]
+    )
+    assert res["resumed_from"] == 2
+    lines = _jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [0, 1, 2, 3, 4]
+    assert _strip(lines[:2]) == _strip(finished["lines"][:2])
+    # rounds 2, 3 are the original's (evaluated now in round 3 too: run.eval_every=1)
+    for got, want in zip(lines[2:4], finished["lines"][2:4]):
+        assert _strip([{k: v for k, v in got.items() if k in want}]) == _strip([want])
+    assert "acc" in lines[2] and "acc" in lines[4]
+    assert checkpoint.latest_round(out) == 5
+    # execution fields may differ too, with a warning (float tolerance, not bit for bit)
+    saved = checkpoint.read_meta(out)["config"]
+    warns = checkpoint.check_resumable(saved, override(cfg, {"run.client_chunk": 5}), 5)
+    assert len(warns) == 1 and "run.client_chunk" in warns[0]
+
+
+def test_other_experiment_is_refused_naming_the_fields(finished):
+    cfg, sim = finished["cfg"], finished["sim"]
+    other = override(cfg, {"train.lr": 0.1, "attack.options.scale": 2.0, "run.seed": 3})
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(finished["out"] / "checkpoints", other).restore(sim.init_state())
+    msg = str(e.value)
+    for field in ("train.lr", "attack.options.scale", "run.seed"):
+        assert field in msg
+    assert "0.05" in msg and "0.1" in msg  # both values
+    assert "run.rounds" not in msg
+    # an option only one side has is named too
+    with pytest.raises(CheckpointError, match="defense.options.bogus"):
+        checkpoint.check_resumable(
+            checkpoint.read_meta(finished["out"])["config"],
+            override(cfg, {"defense.options.bogus": 1}),
+            4,
+        )
+    # run.rounds may grow, not shrink below the checkpoint
+    with pytest.raises(CheckpointError, match="run.rounds=3"):
+        checkpoint.check_resumable(
+            checkpoint.read_meta(finished["out"])["config"], override(cfg, {"run.rounds": 3}), 4
+        )
+    # the same fields under another name and folder are fine, the fingerprint says so
+    same = override(cfg, {"name": "x", "run.out_dir": "/elsewhere", "run.eval_every": 3})
+    assert checkpoint.fingerprint(same) == checkpoint.fingerprint(cfg)
+    assert checkpoint.fingerprint(other) != checkpoint.fingerprint(cfg)
+
+
+def test_other_dataset_is_refused(finished, digits):
+    cfg, sim = finished["cfg"], finished["sim"]
+    y = digits.y_train.copy()
+    y[0] = (y[0] + 1) % 10
+    changed = digits._replace(y_train=y)
+    with pytest.raises(CheckpointError, match="dataset differs"):
+        Checkpointer(finished["out"] / "checkpoints", cfg, dataset=changed).restore(
+            sim.init_state()
+        )
+
+
+def test_state_of_another_structure_is_refused(finished):
+    cfg, sim = finished["cfg"], finished["sim"]
+    like = sim.init_state()
+    params = dict(like.global_variables["params"])
+    params["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+    fc2 = dict(params["fc2"])
+    fc2["bias"] = np.zeros((11,), np.float32)
+    params["fc2"] = fc2
+    bad = like._replace(global_variables={**like.global_variables, "params": params})
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(finished["out"] / "checkpoints", cfg).restore(bad, check_config=False)
+    msg = str(e.value)
+    assert "['extra']['kernel']" in msg and "not expected" not in msg.split("missing")[0]
+    assert "['fc2']['bias']: checkpoint float32[10], expected float32[11]" in msg
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on EIO
+def test_unreadable_latest_falls_back_to_the_previous(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "broken"
+    shutil.copytree(finished["out"], out)
+    state_dir = out / "checkpoints" / "4" / "state"
+    for p in state_dir.rglob("*"):
+        if p.is_file() and p.stat().st_size > 0 and "ocdbt" in str(p):
+            p.write_bytes(b"\0" * 7)  # corrupt the array data
+    cfg, sim = finished["cfg"], finished["sim"]
+    with pytest.warns(RuntimeWarning, match="round 4"):
+        state, records = Checkpointer(out / "checkpoints", cfg).restore(sim.init_state())
+    assert int(state.round) == 3 and len(records) == 3
+
+
+def test_fresh_run_never_mixes_with_old_checkpoints(finished, digits):
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        checkpoint.run_resumable(finished["cfg"], dataset=digits, progress=False)
+
+
+def test_load_variables_for_init_checkpoint(finished, tmp_path, digits):
+    sim = finished["sim"]
+    like = sim.init_state().global_variables
+    for path in (finished["out"], finished["out"] / "checkpoints"):
+        got = checkpoint.load_variables(path, like=like)
+        jax.tree.map(lambda a, b: None, got, like)  # same tree
+        final = checkpoint.Checkpointer(finished["out"] / "checkpoints", finished["cfg"])
+        state, _ = final.restore(sim.init_state())
+        _assert_trees_equal(got, state.global_variables)
+    # one step folder
+    got = checkpoint.load_variables(finished["out"] / "checkpoints" / "2", like=like)
+    state, _ = Checkpointer(finished["out"] / "checkpoints", finished["cfg"]).restore(
+        sim.init_state(), round=2
+    )
+    _assert_trees_equal(got, state.global_variables)
+    # a model of another shape is refused, naming the leaves
+    wide = simulation.build(
+        override(finished["cfg"], {"model.batch_norm": False, "run.out_dir": None}), digits
+    )
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint|not expected"):
+        checkpoint.load_variables(finished["out"], like=wide.init_state().global_variables)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_variables(tmp_path / "nothing", like=like)
+    # simulation.build with run.init_checkpoint starts from that model
+    cfg = override(
+        finished["cfg"],
+        {
+            "run.init_checkpoint": str(finished["out"]),
+            "run.out_dir": None,
+            "attack.name": "none",
+            "attack.options": {},
+        },
+    )
+    start = simulation.build(cfg, digits).init_state()
+    _assert_trees_equal(start.global_variables, checkpoint.load_variables(finished["out"], like))
+    assert int(start.round) == 0
+
+
+def test_cli_resume_and_validate_errors(finished, tmp_path, capsys):
+    assert cli.main(["run", "--resume", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    (tmp_path / "empty2").mkdir()
+    assert cli.main(["run", "demo", "--resume", str(tmp_path / "empty2"), "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main(["run", "demo", "--checkpoint-every", "2", "--quiet"]) == 2
+    assert "run.out_dir" in capsys.readouterr().err
+    assert cli.main(["run", "--quiet"]) == 2
+    # validate --resume names the fields that would be refused, without running anything
+    out = str(finished["out"])
+    args = ["validate", "demo", "--set", "run.rounds=4", "--set", "run.eval_every=2"]
+    assert cli.main([*args, "--set", "run.checkpoint_every=1", "--resume", out]) == 0
+    assert "resumes" in capsys.readouterr().err
+    assert cli.main([*args, "--set", "train.lr=0.2", "--resume", out]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "checkpoint error" in err
+    assert cli.main([*args, "--set", "run.init_checkpoint=/no/such/dir"]) == 2
+    assert "run.init_checkpoint" in capsys.readouterr().err
+    # a finished run resumed again just reports (nothing to run, nothing changes)
+    before = (finished["out"] / "metrics.jsonl").read_text()
+    assert cli.main(["run", "--resume", out, "--quiet"]) == 0
+    assert "from its checkpoint of round 4" in capsys.readouterr().err
+    assert (finished["out"] / "metrics.jsonl").read_text() == before
