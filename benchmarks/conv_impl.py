@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 MEAN, STD = 0.1307, 0.3081  # MNIST normalisation (as backdoors101)
+RESNET_SMALL_WIDTHS = (16, 32, 64, 128)  # "resnet_small": ResNet-18 layout at 1/4 width, 32x32x3
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +108,19 @@ class Interference:
         return False
 
 
+def wait_quiet(max_wait_s: float, busy_below: float = 0.1, window_s: float = 3.0) -> float:
+    """Waits (up to ``max_wait_s``) until the machine's busy share over ``window_s`` drops below
+    ``busy_below``; returns the last busy share seen (this process is idle meanwhile)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0, t0 = _cpu_times()
+        time.sleep(window_s)
+        b1, t1 = _cpu_times()
+        busy = (b1 - b0) / max(t1 - t0, 1)
+        if busy < busy_below or time.monotonic() > deadline:
+            return busy
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -130,7 +144,9 @@ def simplenet_flops_per_sample(h: int = 28, w: int = 28, num_classes: int = 10) 
 # --------------------------------------------------------------------------------------------
 
 
-def make_local_train(model, *, batch_size, epochs, max_len, lr=0.1, momentum=0.9, wd=5e-4):
+def make_local_train(
+    model, *, batch_size, epochs, max_len, lr=0.1, momentum=0.9, wd=5e-4, has_bn=None
+):
     """``train(params, batch_stats, key, x_u8, y, idx, count) -> (update, batch_stats)``.
 
     One client. ``idx`` ``[max_len]`` int32 indexes the uint8 data set on the device and
@@ -145,7 +161,8 @@ def make_local_train(model, *, batch_size, epochs, max_len, lr=0.1, momentum=0.9
     import optax
 
     tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum))
-    has_bn = bool(getattr(model, "batch_norm", False))
+    if has_bn is None:
+        has_bn = bool(getattr(model, "batch_norm", False))
 
     def loss_fn(params, batch_stats, x, y):
         x = (x.astype(jnp.float32) * (1.0 / 255.0) - MEAN) * (1.0 / STD)
@@ -217,10 +234,18 @@ def run_peak(case: dict) -> dict:
     f(a, b).block_until_ready()
     with Interference() as itf:
         tj = _timeit(lambda: f(a, b).block_until_ready(), 10)
-    ta_, tb_ = torch.randn(n, n), torch.randn(n, n)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    ta_, tb_ = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     for _ in range(3):
         ta_ @ tb_
-    tt = _timeit(lambda: ta_ @ tb_, 10)
+    sync()
+
+    def tmm():
+        ta_ @ tb_
+        sync()
+
+    tt = _timeit(tmm, 10)
     return {
         "peak_gflops_jax": flops / float(np.median(tj)) / 1e9,
         "peak_gflops_torch": flops / float(np.median(tt)) / 1e9,
@@ -237,10 +262,13 @@ def run_torch(case: dict) -> dict:
     import torch_fl
 
     with Interference() as itf:
+        resnet = case["model"] == "resnet_small"
         r = torch_fl.time_round(
-            case["model"],
+            "resnet" if resnet else case["model"],
             case["clients"],
             case["samples"],
+            image_shape=(3, 32, 32) if resnet else (1, 28, 28),
+            model_kwargs={"widths": RESNET_SMALL_WIDTHS} if resnet else None,
             repeats=case["repeats"],
             epochs=case["epochs"],
             batch_size=case["batch"],
@@ -257,20 +285,28 @@ def run_jax(case: dict) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from marsjax.models.cnn import SimpleNet
+    from marsjax.models.resnet import ResNet18
 
     clients, samples, epochs = case["clients"], case["samples"], case["epochs"]
     batch, strategy = case["batch"], case["strategy"]
-    model = SimpleNet(batch_norm=case["model"] == "simplenet_bn", conv_impl=case["impl"])
+    if case["model"] == "resnet_small":
+        model = ResNet18(10, "cifar", case["impl"], widths=RESNET_SMALL_WIDTHS)
+        shape = (32, 32, 3)
+    else:
+        model = SimpleNet(batch_norm=case["model"] == "simplenet_bn", conv_impl=case["impl"])
+        shape = (28, 28, 1)
     rng = np.random.default_rng(0)
     n = clients * samples
-    x_u8 = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+    x_u8 = jnp.asarray(rng.integers(0, 256, (n, *shape), dtype=np.uint8))
     y = jnp.asarray(rng.integers(0, 10, n).astype(np.int32))
     idx = jnp.asarray(np.arange(n, dtype=np.int32).reshape(clients, samples))
     counts = jnp.full((clients,), samples, jnp.int32)
     keys = jax.random.split(jax.random.key(1), clients)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32))
     params, bstats = variables["params"], variables.get("batch_stats", {})
-    train = make_local_train(model, batch_size=batch, epochs=epochs, max_len=samples)
+    train = make_local_train(
+        model, batch_size=batch, epochs=epochs, max_len=samples, has_bn="batch_stats" in variables
+    )
 
     # The global model and the data are arguments (not constants) so XLA cannot fold them.
     def round_map(p, bs, xs, ys, ks, ii, cc, chunk=None):
@@ -417,8 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--torch-clients", type=int, default=None)
     ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX cases")
     ap.add_argument("--no-peak", action="store_true")
+    ap.add_argument("--peak-n", type=int, default=2048, help="size of the peak matmul")
     ap.add_argument("--timeout", type=float, default=600.0, help="per case, seconds")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each case wait up to this many seconds for other processes to go idle",
+    )
     args = ap.parse_args(argv)
 
     if args.case:
@@ -449,10 +492,15 @@ def main(argv: list[str] | None = None) -> None:
     peaks: dict = {}
 
     def emit(name: str, case: dict, xla_flags: str = ""):
+        busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+        load_before = list(os.getloadavg())
         res = _spawn(case, xla_flags, args.timeout)
-        rec = {"case": name, **common, **case, **res, "loadavg": list(os.getloadavg())}
+        rec = {"case": name, **common, **case, **res}
+        rec.update(loadavg_before=load_before, loadavg=list(os.getloadavg()))
+        if busy_before is not None:
+            rec["busy_before"] = busy_before
         rec.pop("kind", None)
-        if "samples_per_s" in res:
+        if "samples_per_s" in res and case.get("model", "").startswith("simplenet"):
             rec["flops_per_sample"] = flops
             rec["flops_per_s"] = flops * res["samples_per_s"]
             for k in ("jax", "torch"):
@@ -466,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         return res
 
     if not args.no_peak:
-        peaks.update(emit("matmul_peak_2048", {"kind": "peak", "n": 2048}))
+        n = args.peak_n
+        peaks.update(emit(f"matmul_peak_{n}", {"kind": "peak", "n": n}))
     models = [m for m in args.models.split(",") if m]
     loaders = [t for t in args.torch.split(",") if t]
     tclients = args.torch_clients or args.clients

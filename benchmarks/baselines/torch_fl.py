@@ -129,7 +129,7 @@ def param_count(model: nn.Module) -> int:
 
 
 def _batches_tensor(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, batch: int, gen):
-    perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=gen)]
+    perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=gen)].to(x.device)
     for s in range(0, len(perm), batch):
         b = perm[s : s + batch]
         yield x[b], y[b]
@@ -159,9 +159,11 @@ def local_train(
         dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler)
     elif loader != "tensor":
         raise ValueError(f"loader must be 'tensor' or 'dataloader', got {loader!r}")
+    device = next(model.parameters()).device
     for _ in range(epochs):
         it = dl if loader == "dataloader" else _batches_tensor(x, y, idx, batch_size, generator)
         for xb, yb in it:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
@@ -191,9 +193,18 @@ def time_round(
     repeats: int = 3,
     seed: int = 0,
     model_kwargs: dict | None = None,
+    device: str = "auto",
     **kwargs,
 ) -> dict:
-    """Times whole rounds; returns median seconds per round and samples/s (samples x epochs)."""
+    """Times whole rounds; returns median seconds per round and samples/s (samples x epochs).
+
+    ``device="auto"`` trains on CUDA when available. With ``loader="tensor"`` the data set lives
+    on that device; with ``"dataloader"`` it stays in host memory and each batch is copied over,
+    as the official code does.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = num_clients * samples_per_client
@@ -202,14 +213,18 @@ def time_round(
     client_idx = [
         np.arange(c * samples_per_client, (c + 1) * samples_per_client) for c in range(num_clients)
     ]
-    model = make_model(model_name, **(model_kwargs or {}))
+    if kwargs.get("loader", "tensor") == "tensor":
+        x, y = x.to(device), y.to(device)
+    model = make_model(model_name, **(model_kwargs or {})).to(device)
     gen = torch.Generator().manual_seed(seed)
     # Warm-up: a few clients (oneDNN primitive caches, allocator).
     run_round(model, x, y, client_idx[: min(3, num_clients)], generator=gen, **kwargs)
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run_round(model, x, y, client_idx, generator=gen, **kwargs)
+        sync()
         times.append(time.perf_counter() - t0)
     t = float(np.median(times))
     epochs = kwargs.get("epochs", 2)
@@ -219,6 +234,7 @@ def time_round(
         "samples_per_s": n * epochs / t,
         "clients_per_s": num_clients / t,
         "torch_num_threads": torch.get_num_threads(),
+        "torch_device": str(device),
         "param_count": param_count(model),
     }
 
