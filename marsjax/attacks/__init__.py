@@ -6,23 +6,34 @@ from ``AttackConfig.options`` and are checked against the signature before anyth
 
 from __future__ import annotations
 
+from marsjax.attacks._3dfed import ThreeDFedState, threedfed
 from marsjax.attacks._badnets import badnets, no_attack
+from marsjax.attacks._cerp import CerPState, cerp
+from marsjax.attacks._mra import model_replacement
 from marsjax.attacks.base import Attack, AttackContext, CraftContext, EmptyState
 
 __all__ = [
+    "REGISTRY",
     "Attack",
     "AttackContext",
+    "CerPState",
     "CraftContext",
     "EmptyState",
-    "REGISTRY",
-    "make",
+    "ThreeDFedState",
     "badnets",
+    "cerp",
+    "make",
+    "model_replacement",
     "no_attack",
+    "threedfed",
 ]
 
 REGISTRY = {
     "none": no_attack,
     "badnets": badnets,
+    "mra": model_replacement,
+    "3dfed": threedfed,
+    "cerp": cerp,
 }
 
 
