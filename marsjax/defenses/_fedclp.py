@@ -1,0 +1,166 @@
+"""FedCLP: channel-Lipschitzness-based pruning of every local model, then FedAvg.
+
+CLP: Zheng, Tang, Li & Liu, "Data-Free Backdoor Removal Based on Channel Lipschitzness", ECCV 2022,
+arXiv:2208.03111. The MARS paper's "FedCLP" baseline (mars_spec §2.1, §2.4) applies CLP with
+``u = 3`` to every uploaded local model before averaging.
+
+For every convolution followed by a BatchNorm, channel ``k``'s upper bound of the channel
+Lipschitz constant is the largest singular value of the kernel slice of that output channel,
+reshaped to ``(C_in, kh * kw)`` and scaled by ``|gamma_k / sqrt(running_var_k + 1e-5)|``. Channels
+above ``mean + u * std`` of their layer (``std`` with Bessel's correction, as ``torch.std``) are
+pruned: the BatchNorm's scale and bias of that channel are set to 0 in the local model. The
+pruned local models are then averaged (FedAvg), so a pruned channel's update becomes
+``-global``.
+
+Conv/BN pairs are found by name: a BatchNorm module ``.../bnX`` (or ``..._bn``) pairs with the
+sibling convolution ``.../convX`` (``..._conv``), the layout of marsjax's SimpleNet and ResNet-18.
+Extension for networks without BatchNorm (the paper's MNIST SimpleNet): a convolution with no BN
+partner uses the unscaled kernel norm and is pruned by zeroing its output channel (kernel slice
+and bias). Dense layers are never pruned (CLP only scores convolutions), so an MLP is plain FedAvg.
+
+Nobody is rejected: ``accepted`` is 1 on valid rows; ``scores`` is the fraction of channels pruned
+in each local model. The per-channel singular values come from ``jnp.linalg.eigvalsh`` of the
+small ``min(C_in, kh * kw)``-sized Gram matrices, batched over channels and clients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from marsjax.defenses._robust_utils import finish, masked_weighted_mean, prepare
+from marsjax.defenses.base import Defense, DefenseContext, DefenseResult, EmptyState
+
+__all__ = ["channel_lipschitz", "clp_masks", "conv_bn_pairs", "fedclp"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def channel_lipschitz(kernel: jax.Array, gain: jax.Array | None = None) -> jax.Array:
+    """``[C_out]`` largest singular value of each output channel's ``(C_in, kh*kw)`` kernel slice.
+
+    Args:
+      kernel: ``[kh, kw, C_in, C_out]`` (flax layout).
+      gain: optional ``[C_out]`` factor (the BN gain ``|gamma / sigma|``).
+    """
+    kh, kw, cin, cout = kernel.shape
+    m = jnp.transpose(kernel.reshape(kh * kw, cin, cout), (2, 1, 0))  # [C_out, C_in, kh*kw]
+    if cin <= kh * kw:
+        g = jnp.einsum("cik,cjk->cij", m, m, precision=_HI)
+    else:
+        g = jnp.einsum("cik,cil->ckl", m, m, precision=_HI)
+    s = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(g)[:, -1], 0.0))
+    return s if gain is None else s * jnp.abs(gain)
+
+
+def conv_bn_pairs(params) -> tuple[list[tuple[tuple, tuple]], list[tuple]]:
+    """Finds ``(conv_path, bn_path)`` pairs and the convolutions without a BatchNorm.
+
+    Paths are tuples of dict keys under ``params``. A BN module holds ``scale`` and ``bias``; a
+    convolution holds a 4-D ``kernel``.
+    """
+    pairs, lone = [], []
+
+    def walk(node, prefix):
+        if not hasattr(node, "items"):
+            return
+        names = set(node.keys())
+        for name, sub in node.items():
+            if not hasattr(sub, "items"):
+                continue
+            k = sub.get("kernel") if hasattr(sub, "get") else None
+            if k is not None and len(k.shape) == 4:
+                bn = name.replace("conv", "bn")
+                if bn != name and bn in names and "scale" in node[bn]:
+                    pairs.append((prefix + (name,), prefix + (bn,)))
+                else:
+                    lone.append(prefix + (name,))
+            else:
+                walk(sub, prefix + (name,))
+
+    walk(params, ())
+    return pairs, lone
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _outlier_mask(lips: jax.Array, u: float) -> jax.Array:
+    n = lips.shape[0]
+    mean = jnp.mean(lips)
+    std = jnp.sqrt(jnp.sum(jnp.square(lips - mean)) / max(n - 1, 1))
+    return lips > mean + u * std
+
+
+def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
+    """CLP's pruning decision for one model.
+
+    Returns:
+      ``(bn_masks, conv_masks)``: dicts ``path -> bool[C]`` (True = prune) for the paired BN
+      modules and for the lone convolutions.
+    """
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    pairs, lone = conv_bn_pairs(params)
+    bn_masks, conv_masks = {}, {}
+    for cpath, bpath in pairs:
+        kernel = _get(params, cpath)["kernel"]
+        gamma = _get(params, bpath)["scale"]
+        try:
+            var = _get(stats, bpath)["var"]
+        except (KeyError, TypeError):
+            var = jnp.ones_like(gamma)
+        var = jnp.where(jnp.isnan(var) | (var < 0), 0.0, var)
+        gain = gamma / jnp.sqrt(var + eps)
+        bn_masks[bpath] = _outlier_mask(channel_lipschitz(kernel, gain), u)
+    for cpath in lone:
+        conv_masks[cpath] = _outlier_mask(channel_lipschitz(_get(params, cpath)["kernel"]), u)
+    return bn_masks, conv_masks
+
+
+def _prune_update(update, global_variables, u: float):
+    """One client's update after CLP pruning of its local model (global + update)."""
+    local = jax.tree.map(lambda g, d: g + d, global_variables, update)
+    bn_masks, conv_masks = clp_masks(local, u)
+    out = jax.tree.map(lambda x: x, update)  # shallow structural copy
+    params = out["params"]
+    gparams = global_variables["params"]
+    pruned, total = 0, 0
+    for path, mask in bn_masks.items():
+        node, gnode = _get(params, path), _get(gparams, path)
+        for leaf in ("scale", "bias"):
+            node[leaf] = jnp.where(mask, -gnode[leaf], node[leaf])
+        pruned, total = pruned + jnp.sum(mask), total + mask.shape[0]
+    for path, mask in conv_masks.items():
+        node, gnode = _get(params, path), _get(gparams, path)
+        node["kernel"] = jnp.where(mask, -gnode["kernel"], node["kernel"])
+        if "bias" in node:
+            node["bias"] = jnp.where(mask, -gnode["bias"], node["bias"])
+        pruned, total = pruned + jnp.sum(mask), total + mask.shape[0]
+    frac = jnp.asarray(pruned, jnp.float32) / max(total, 1)
+    return out, frac
+
+
+def fedclp(u: float = 3.0) -> Defense:
+    """FedCLP: CLP (threshold ``mean + u * std`` per layer) on every local model, then FedAvg.
+
+    Args:
+      u: CLP's threshold in standard deviations (the MARS baselines: 3).
+    """
+
+    def apply(key, updates, state, *, global_variables, client_weights, client_ids=None):
+        del key, client_ids
+        valid, clean, w = prepare(updates, client_weights)
+        pruned, frac = jax.vmap(lambda d: _prune_update(d, global_variables, u))(clean)
+        update = masked_weighted_mean(pruned, w)
+        accepted, scores = finish(valid.astype(jnp.float32), frac, valid)
+        return DefenseResult(update, accepted, scores), state
+
+    return Defense(lambda v: EmptyState(), apply)
+
+
+def _build(ctx: DefenseContext, u: float = 3.0) -> Defense:
+    return fedclp(u)
