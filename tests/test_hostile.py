@@ -1,0 +1,197 @@
+"""Hostile clients: every registered defense, inside the compiled round, against hostile uploads.
+
+An attack registered for the test replaces the attackers' rows by a hostile update (NaN, +Inf,
+1e30, -1e30, all zeros, or an exact copy of a benign client's update). Each (defense, kind) pair
+gets its own round, started from the initial state, followed by one clean round. Whatever the
+defense, the global model and the server optimizer state stay finite; non-finite uploads are
+dropped by the round and counted (``num_dropped``), never accepted; and no hostile kind stalls the
+federation: the following clean round trains and is not reverted.
+
+To compile the round once for all defenses (one compile per defense would cost minutes), a test
+defense dispatches with ``lax.switch`` to every registered defense; which one runs is a selector
+in its state, set in the round's start state. Each defense sees exactly what the round hands it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marsjax import attacks, defenses, simulation
+from marsjax.attacks import Attack, EmptyState
+from marsjax.config import get_preset, override
+from marsjax.data import load_dataset
+
+KINDS = ("nan", "inf", "big", "-big", "zeros", "duplicate")
+BIG = 1e30
+_ATTACK = "_hostile_test"
+_DEFENSE = "_hostile_all"
+NAMES = tuple(sorted(n for n in defenses.REGISTRY if not n.startswith("_")))
+
+
+def hostile(ctx: attacks.AttackContext) -> Attack:
+    """Attackers upload a hostile update in even rounds (``KINDS[round // 2 % len(KINDS)]``)."""
+
+    def craft(key, updates, state, c: attacks.CraftContext):
+        kind = jnp.where(c.round % 2 == 0, (c.round // 2) % len(KINDS), len(KINDS))
+        mal = c.is_malicious
+        donor = jnp.argmax(~mal)  # the first benign row
+
+        def rows(fill):
+            def f(u):
+                m = mal.reshape((-1,) + (1,) * (u.ndim - 1))
+                return jnp.where(m, fill(u).astype(u.dtype), u)
+
+            return lambda us: jax.tree.map(f, us)
+
+        branches = [
+            rows(lambda u: jnp.full_like(u, jnp.nan)),
+            rows(lambda u: jnp.full_like(u, jnp.inf)),
+            rows(lambda u: jnp.full_like(u, BIG)),
+            rows(lambda u: jnp.full_like(u, -BIG)),
+            rows(jnp.zeros_like),
+            rows(lambda u: jnp.broadcast_to(u[donor], u.shape)),
+            lambda us: us,  # odd rounds: clean
+        ]
+        return jax.lax.switch(kind, branches, updates), state
+
+    return Attack(
+        init=lambda v: EmptyState(),
+        poison=lambda key, x, y, state: (x, y),
+        craft=craft,
+        trigger=lambda x, state: x,
+    )
+
+
+def all_defenses(ctx: defenses.DefenseContext, errors: list | None = None) -> defenses.Defense:
+    """Every registered defense behind one: ``state = (selector, state_0, state_1, ...)``.
+
+    A defense that fails to build with its default options is replaced by FedAvg and its error
+    appended to ``errors`` (the test reports it).
+    """
+    built = []
+    for name in NAMES:
+        try:
+            built.append(defenses.make(name, ctx))
+        except Exception as e:  # noqa: BLE001 (reported by the test)
+            if errors is not None:
+                errors.append(f"{name}: does not build with its default options: {e!r}")
+            built.append(defenses.make("fedavg", ctx))
+
+    def init(v):
+        return (jnp.int32(0), *(d.init(v) for d in built))
+
+    def apply(key, updates, state, **kwargs):
+        selector, states = state[0], state[1:]
+
+        def branch(i):
+            def run(updates, states):
+                result, new = built[i].apply(key, updates, states[i], **kwargs)
+                out = list(states)
+                out[i] = new
+                return result, tuple(out)
+
+            return run
+
+        result, states = jax.lax.switch(
+            selector, [branch(i) for i in range(len(built))], updates, states
+        )
+        return result, (selector, *states)
+
+    return defenses.Defense(init, apply)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def test_hostile_uploads_never_break_the_global_model(digits):
+    """Also: a +-1e30 upload must not move the model by more than 1e3 per entry (a defense rejects
+    or bounds it, or the round drops or reverts it). The round drops only non-finite rows, and
+    most defenses average the BatchNorm statistics of every row they accept, so a 1e30 row gets
+    in: that gap is reported as XFAIL until the round also drops rows whose norm overflows float32
+    (a change in marsjax/simulation.py); it becomes a failure once the round drops them."""
+    cfg = override(
+        get_preset("demo", defense=_DEFENSE),
+        {
+            "attack.name": _ATTACK,
+            "attack.options": {},
+            "attack.num_attackers": 6,
+            "attack.attackers_per_round": 2,
+            "run.clients_per_round": 6,
+            "run.rounds": 2 * len(KINDS),
+            "train.local_steps": 1,
+            "data.server_samples": 32,
+        },
+    )
+    errors = []
+    attacks.REGISTRY[_ATTACK] = hostile
+    defenses.REGISTRY[_DEFENSE] = lambda ctx: all_defenses(ctx, errors)
+    try:
+        sim = simulation.build(cfg, digits)
+    finally:
+        del attacks.REGISTRY[_ATTACK], defenses.REGISTRY[_DEFENSE]
+    problems, gaps, big_dropped = list(errors), [], []
+    for k, name in enumerate(NAMES):
+        for i, kind in enumerate(KINDS):
+            state = sim.init_state()
+            state = state._replace(
+                round=jnp.int32(2 * i), defense_state=(jnp.int32(k), *state.defense_state[1:])
+            )
+            start = _host(state.global_variables)
+            state, m = sim.round_step(state, sim.data)
+            mal = np.asarray(m["is_attacking"])
+            accepted = np.asarray(m["accepted"])
+            n_mal, dropped = int(mal.sum()), int(m["num_dropped"])
+            assert n_mal == 2
+            where = f"{name}, {kind} upload"
+            if not (_finite(state.global_variables) and _finite(state.server_opt_state)):
+                problems.append(f"{where}: the global model became non-finite")
+            if not (np.all(np.isfinite(accepted)) and np.all((accepted >= 0) & (accepted <= 1))):
+                problems.append(f"{where}: accepted weights {accepted} not finite in [0, 1]")
+            if kind in ("nan", "inf"):
+                if dropped != n_mal or np.any(accepted[mal] != 0):
+                    problems.append(
+                        f"{where}: num_dropped={dropped} (want {n_mal}), "
+                        f"accepted[hostile]={accepted[mal]} (want 0)"
+                    )
+            elif kind in ("big", "-big"):
+                big_dropped.append(dropped == n_mal)
+            elif dropped:
+                problems.append(f"{where}: {dropped} finite rows dropped")
+            if kind not in ("big", "-big") and int(m["reverted"]):
+                problems.append(f"{where}: the round was reverted (a hostile client stalls it)")
+            if kind in ("big", "-big"):
+                moved = max(
+                    float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+                    for a, b in zip(jax.tree.leaves(state.global_variables), jax.tree.leaves(start))
+                )
+                if moved > 1e3:
+                    gaps.append(f"{where}: the model moved by {moved:.3g}")
+                    continue  # a ruined (finite) model cannot train cleanly in the next round
+            # the next, clean round trains normally from what the hostile round left
+            state, m = sim.round_step(state, sim.data)
+            if not _finite(state.global_variables):
+                problems.append(f"{where}: the next clean round made the model non-finite")
+            if int(m["num_dropped"]) or int(m["reverted"]):
+                problems.append(
+                    f"{where}: the next clean round dropped {int(m['num_dropped'])} rows, "
+                    f"reverted={int(m['reverted'])} (state poisoned)"
+                )
+    assert sim.traces["round"] == 1  # one compiled round for every defense and kind
+    assert not problems, "\n".join(problems)
+    if gaps:
+        if not any(big_dropped):  # the round does not drop overflowing rows (yet)
+            pytest.xfail("; ".join(gaps))
+        pytest.fail("\n".join(gaps))
