@@ -7,6 +7,7 @@ from ``AttackConfig.options`` and are checked against the signature before anyth
 from __future__ import annotations
 
 from marsjax.attacks._3dfed import ThreeDFedState, threedfed
+from marsjax.attacks._adaptive import adaptive_mars
 from marsjax.attacks._badnets import badnets, no_attack
 from marsjax.attacks._cerp import CerPState, cerp
 from marsjax.attacks._mra import model_replacement
@@ -20,6 +21,7 @@ __all__ = [
     "CraftContext",
     "EmptyState",
     "ThreeDFedState",
+    "adaptive_mars",
     "badnets",
     "cerp",
     "make",
@@ -34,6 +36,7 @@ REGISTRY = {
     "mra": model_replacement,
     "3dfed": threedfed,
     "cerp": cerp,
+    "adaptive": adaptive_mars,
 }
 
 
