@@ -182,7 +182,8 @@ def deepsight(
       num_samples: random inputs per seed (the paper and the MARS baselines: 20,000; the cost is
         ``num_seeds * num_samples`` forward passes per client and round).
       tau: a cluster with a suspicious share ``>= tau`` is rejected.
-      min_cluster_size: HDBSCAN's (the ``hdbscan`` package default used by the public code: 5).
+      min_cluster_size: HDBSCAN's (the ``hdbscan`` package default used by the public code: 5;
+        fewer alike attackers than this can never form a cluster of their own).
       batch_size: forward batch (``num_samples`` is rounded up to a multiple).
       client_chunk: clients whose DDifs are computed together.
       output_layer: the output layer's name (auto-detected if ``None``).
