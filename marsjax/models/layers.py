@@ -157,16 +157,63 @@ class Conv(nn.Module):
         return y
 
 
+def _window_first_max_vjp(window: int):
+    """Non-overlapping ``window x window`` max pooling (VALID, stride = window) whose backward pass
+    sends each output's gradient to the first maximum of its window in row-major order, exactly as
+    :func:`flax.linen.max_pool` (``lax.reduce_window``) does, ties included. It is a single fused
+    elementwise pass; the default gradient of a reshape-``max`` is not (it counts and splits ties).
+    """
+
+    @jax.custom_vjp
+    def pool(x):
+        b, h, w, c = x.shape
+        return x.reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
+
+    def fwd(x):
+        y = pool(x)
+        return y, (x, y)
+
+    def bwd(res, g):
+        x, y = res
+        b, h, w, c = x.shape
+        xr = x.reshape(b, h // window, window, w // window, window, c)
+        taken = None
+        rows = []
+        for i in range(window):
+            cols = []
+            for j in range(window):
+                hit = xr[:, :, i, :, j, :] == y
+                if taken is not None:
+                    hit = hit & ~taken
+                taken = hit if taken is None else taken | hit
+                cols.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
+            rows.append(jnp.stack(cols, axis=3))  # [b, ho, wo, window(j), c]
+        dx = jnp.stack(rows, axis=2)  # [b, ho, window(i), wo, window(j), c]
+        return (dx.reshape(x.shape),)
+
+    pool.defvjp(fwd, bwd)
+    return pool
+
+
+_FIRST_MAX_POOLS: dict[int, Any] = {}
+
+
 def max_pool(
     x: jax.Array, window: int = 2, stride: int | None = None, padding: str = "VALID"
 ) -> jax.Array:
-    """Max pooling, NHWC. Non-overlapping VALID windows use a reshape (cheap backward pass)."""
+    """Max pooling, NHWC; equal to :func:`flax.linen.max_pool`, gradients (and ties) included.
+
+    Non-overlapping VALID windows (``stride == window``, the SimpleNet case) use a reshape and a
+    custom backward pass (one fused elementwise op); other cases fall back to flax.
+    """
     stride = window if stride is None else stride
-    b, h, w, c = x.shape
+    h, w = x.shape[1], x.shape[2]
     if stride == window and padding == "VALID":
         ho, wo = h // window, w // window
         x = x[:, : ho * window, : wo * window, :]
-        return x.reshape(b, ho, window, wo, window, c).max(axis=(2, 4))
+        if window not in _FIRST_MAX_POOLS:
+            _FIRST_MAX_POOLS[window] = _window_first_max_vjp(window)
+        return _FIRST_MAX_POOLS[window](x)
     return nn.max_pool(x, (window, window), (stride, stride), padding=padding)
 
 

@@ -58,25 +58,31 @@ def _close(a, b, scale=1.0):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * scale)
 
 
+def _conv_and_vjp(fn, x, k):
+    out_shape = jax.eval_shape(fn, x, k).shape
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape, dtype=np.float32))
+
+    @jax.jit
+    def run(a, b):
+        out, vjp = jax.vjp(fn, a, b)
+        return out, vjp(cot)
+
+    return run(x, k)
+
+
+_REFERENCE: dict = {}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[0]}s{c[1]}{c[2]}ci{c[3]}")
 def test_conv_matches_lax_outputs_and_grads(impl, case):
     kernel, stride, padding, cin, cout, h, w = case
     x, k = _inputs(0, 2, h, w, cin, kernel, cout)
-
-    def f(fn):
-        out_shape = jax.eval_shape(fn, x, k).shape
-        cot = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape, dtype=np.float32))
-
-        @jax.jit
-        def run(a, b):
-            out, vjp = jax.vjp(fn, a, b)
-            return out, vjp(cot)
-
-        return run(x, k)
-
-    out, (gx, gk) = f(lambda a, b: conv2d(a, b, (stride, stride), padding, impl))
-    ref, (rgx, rgk) = f(lambda a, b: _ref(a, b, stride, padding))
+    key = repr(case)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _conv_and_vjp(lambda a, b: _ref(a, b, stride, padding), x, k)
+    ref, (rgx, rgk) = _REFERENCE[key]
+    out, (gx, gk) = _conv_and_vjp(lambda a, b: conv2d(a, b, (stride, stride), padding, impl), x, k)
     assert out.shape == ref.shape
     scale = float(np.sqrt(kernel * kernel * cin))
     _close(out, ref, scale)
@@ -124,6 +130,29 @@ def test_conv_module_matches_flax_conv(impl):
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
 def test_default_conv_impl_is_a_real_impl(backend):
     assert default_conv_impl(backend) in IMPLS
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_flax(window):
+    # Ties (ReLU zeros, small integers): flax sends the gradient to the first maximum of a window.
+    r = np.random.default_rng(5)
+    x = jnp.stack(
+        [
+            jnp.zeros((6, 6, 2)),
+            jnp.asarray(r.integers(0, 3, (6, 6, 2)).astype(np.float32)),
+            jnp.asarray(r.integers(0, 2, (6, 6, 2)).astype(np.float32)),
+        ]
+    )
+    w = (window, window)
+
+    def grads(a):
+        return (
+            jax.grad(lambda t: jnp.sum(max_pool(t, window) ** 2 + max_pool(t, window)))(a),
+            jax.grad(lambda t: jnp.sum(nn.max_pool(t, w, w) ** 2 + nn.max_pool(t, w, w)))(a),
+        )
+
+    mine, ref = jax.jit(grads)(x)
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
 
 
 @pytest.mark.parametrize(
