@@ -250,8 +250,12 @@ def choose_indicator_positions(
 
 
 def layer_curvature(loss_of_layer: Callable[[jax.Array], jax.Array], w: jax.Array) -> jax.Array:
-    """``∂(Σ_w ∂L/∂w)/∂w`` = the Hessian's row sums ``H·1`` of ``loss_of_layer`` at ``w``."""
-    return jax.jvp(jax.grad(loss_of_layer), (w,), (jnp.ones_like(w),))[1]
+    """``∂(Σ_w ∂L/∂w)/∂w`` = the Hessian's row sums ``H·1`` of ``loss_of_layer`` at ``w``.
+
+    Reverse over reverse, literally the official construction (the gradient of the summed
+    gradient); it also works through ``custom_vjp`` layers, which forward mode cannot enter.
+    """
+    return jax.grad(lambda v: jnp.sum(jax.grad(loss_of_layer)(v)))(w)
 
 
 # ------------------------------------------------------------------------------------------------
