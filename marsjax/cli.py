@@ -25,6 +25,7 @@ import importlib.util
 import json
 import pathlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from marsjax.config import (
@@ -206,20 +207,40 @@ def _trace(cfg: ExperimentConfig, ds) -> None:
     try:
         sim = simulation.build(cfg, ds)
         state = sim.init_state()
+    except (ConfigError, DatasetError):
+        raise
+    except Exception as e:
+        raise _factory_error(e) or _TraceError(f"does not build: {type(e).__name__}: {e}") from e
+    try:
         jax.eval_shape(sim.round_step, state, sim.data)
         if cfg.run.rounds_per_call > 1:
             jax.eval_shape(sim.multi_round_step, state, sim.data)
         jax.eval_shape(
             sim.evaluate, state.global_variables, state.attack_state, sim.x_test, sim.y_test
         )
-    except (ConfigError, DatasetError):
-        raise
     except Exception as e:
-        raise _TraceError(f"{type(e).__name__}: {e}") from e
+        raise _TraceError(f"its round does not trace: {type(e).__name__}: {e}") from e
 
 
 class _TraceError(Exception):
     """The config validates but the experiment does not build or trace."""
+
+
+def _factory_error(e: BaseException) -> ConfigError | None:
+    """A ConfigError naming the fields when ``e`` is an attack or defense factory rejecting its
+    options or the rest of the config (a ValueError or TypeError raised inside ``make``)."""
+    if not isinstance(e, (ValueError, TypeError)):
+        return None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        module = frame.f_globals.get("__name__")
+        if frame.f_code.co_name == "make" and module in ("marsjax.attacks", "marsjax.defenses"):
+            section = module.rsplit(".", 1)[1][:-1]
+            name, options = frame.f_locals.get("name"), frame.f_locals.get("options")
+            return ConfigError(
+                f"{section}.name={name!r} with {section}.options={options!r} is invalid: the "
+                f"{section} rejects this config: {e}"
+            )
+    return None
 
 
 def _cmd_presets(args) -> int:
@@ -309,13 +330,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"marsjax: dataset error: {e}", file=sys.stderr)
         return 2
     except _TraceError as e:
-        print(f"marsjax: the experiment does not build: {e}", file=sys.stderr)
+        print(f"marsjax: the config validates but the experiment {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from marsjax.checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):
             print(f"marsjax: checkpoint error: {e}", file=sys.stderr)
+            return 2
+        factory = _factory_error(e)
+        if factory is not None:
+            print(f"marsjax: config error: {factory}", file=sys.stderr)
             return 2
         raise
 
