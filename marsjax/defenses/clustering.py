@@ -84,23 +84,26 @@ def _kmeans_plus_plus(
 ) -> jax.Array:
     """Greedy k-means++ (sklearn's variant): indices ``[k]`` of the initial centers."""
     n = x.shape[0]
+
+    def draw(sub: Key, mass: jax.Array, num: int) -> jax.Array:
+        # Inverse-CDF sampling of ``num`` rows with probability proportional to ``mass``
+        # (searchsorted side="right" written as a comparison count: a weight-0 row adds nothing to
+        # the cumulative sum and is never drawn; all-zero mass draws row n - 1).
+        cum = jnp.cumsum(mass)
+        r = jax.random.uniform(sub, (num,)) * cum[-1]
+        return jnp.minimum(jnp.sum(cum[None, :] <= r[:, None], axis=1), n - 1)
+
     key, sub = jax.random.split(key)
-    total = jnp.sum(w)
-    p = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 1.0 / n)
-    first = jax.random.choice(sub, n, p=p)
+    first = draw(sub, jnp.where(jnp.sum(w) > 0, w, 1.0), 1)[0]
     closest = dist_fn(x, x[first][None])[:, 0]
-    pot = jnp.sum(w * closest)
     idx = [first]
     for _ in range(1, k):
         key, sub = jax.random.split(key)
-        r = jax.random.uniform(sub, (n_local_trials,)) * pot
-        cum = jnp.cumsum(w * closest)
-        # side="right": a weight-0 row adds nothing to the cumulative sum and is never drawn.
-        cand = jnp.clip(jnp.searchsorted(cum, r, side="right"), 0, n - 1)
+        cand = draw(sub, w * closest, n_local_trials)
         d_cand = jnp.minimum(closest[None, :], dist_fn(x, x[cand]).T)  # [T, N]
         pots = jnp.sum(w[None, :] * d_cand, axis=1)
         best = jnp.argmin(pots)
-        closest, pot = d_cand[best], pots[best]
+        closest = d_cand[best]
         idx.append(cand[best])
     return jnp.stack(idx)
 
@@ -303,6 +306,11 @@ def wasserstein_kmeans(
     )
 
 
+def _unit(scale: jax.Array) -> jax.Array:
+    """A positive finite divisor: ``scale``, or 1 where it is 0 or not finite."""
+    return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+
+
 def k_wmeans(
     key: Key,
     cbe: jax.Array,
@@ -331,7 +339,11 @@ def k_wmeans(
       distances: optional precomputed ``[N, N]`` W1 matrix (``rule="code"``).
 
     Returns:
-      :class:`KMeansResult`; ``centers`` are in the feature space of the rule (rows of ``D`` or CBE).
+      :class:`KMeansResult`; ``centers`` are in the feature space of the rule (rows of ``D`` or CBE)
+      divided by the largest entry: both rules are invariant to a positive scale of the data, and
+      the division keeps squared distances finite in float32 when a client's energies are huge
+      (a finite 1e30 update gives CBE values near 1e31; the official code's float64 pipeline
+      copes with them the same way).
     """
     n = cbe.shape[0]
     w = jnp.ones(n, jnp.float32) if weights is None else weights.astype(jnp.float32)
@@ -340,6 +352,7 @@ def k_wmeans(
     if rule == "code":
         d = wasserstein_matrix(safe) if distances is None else distances.astype(jnp.float32)
         d = jnp.where(active[:, None] & active[None, :], d, 0.0)
+        d = d / _unit(jnp.max(d))
         return kmeans(
             key,
             d,
@@ -353,7 +366,7 @@ def k_wmeans(
     if rule == "paper":
         return wasserstein_kmeans(
             key,
-            safe,
+            safe / _unit(jnp.max(jnp.abs(safe))),
             w,
             num_clusters=num_clusters,
             n_init=n_init,
