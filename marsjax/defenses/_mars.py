@@ -43,11 +43,11 @@ from marsjax.defenses.energy import (
     energy_layout,
     module_call_order,
 )
-from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_matrix, wasserstein_to_rows
+from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_to_rows
 from marsjax.tree import row_is_finite, weighted_mean
 from marsjax.types import Key, Updates, Variables
 
-__all__ = ["MarsState", "mars", "mars_cbe", "model_energy_layout"]
+__all__ = ["MarsDecision", "MarsState", "mars", "mars_cbe", "mars_select", "model_energy_layout"]
 
 _INVALID_SCORE = float(jnp.finfo(jnp.float32).max)
 
@@ -143,6 +143,94 @@ def mars_cbe(
     return jax.lax.map(one, u, batch_size=chunk_size)
 
 
+class MarsDecision(NamedTuple):
+    """What :func:`mars_select` decides.
+
+    Attributes:
+      accepted: ``[N]`` bool.
+      scores: ``[N]`` float32, W1 from each CBE row to the kept cluster's center (invalid rows:
+        ``float32.max``).
+      labels: ``[N]`` int32 cluster of each row (meaningless for invalid rows).
+      centers: ``[2, M]`` elementwise means of the valid members' CBE rows.
+      gap: scalar, ``W1(centers[0], centers[1])``.
+      attack: scalar bool, whether an attack was declared (``gap > epsilon`` with two non-empty
+        clusters).
+      kept: scalar int32, the cluster kept when an attack is declared.
+    """
+
+    accepted: jax.Array
+    scores: jax.Array
+    labels: jax.Array
+    centers: jax.Array
+    gap: jax.Array
+    attack: jax.Array
+    kept: jax.Array
+
+
+def mars_select(
+    key: Key,
+    cbe: jax.Array,
+    valid: jax.Array,
+    epsilon: jax.Array | float = 0.03,
+    *,
+    clustering: Literal["code", "paper"] = "code",
+    select: Literal["min_l1", "majority"] = "min_l1",
+    centroid: Literal["mean", "barycenter"] = "mean",
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> MarsDecision:
+    """Clusters the CBE rows in two and decides whom to accept (Algorithm 1, lines 12-22).
+
+    Args:
+      key: k-means key.
+      cbe: ``[N, M]`` CBE rows (rows where ``valid`` is False are ignored; any values).
+      valid: ``[N]`` bool, rows that take part.
+      epsilon: the no-attack threshold on ``W1(A_1, A_2)`` (``<=``, as the code).
+      clustering: ``"code"`` or ``"paper"`` (:func:`~marsjax.defenses.clustering.k_wmeans`).
+      select: ``"min_l1"`` (MARS) or ``"majority"`` (MARS*; ties go to the smaller L1 norm).
+      centroid: ``clustering="paper"`` only.
+      n_init: k-means restarts.
+      max_iter: Lloyd iteration cap.
+      tol: k-means relative tolerance.
+
+    Returns:
+      :class:`MarsDecision`. With fewer than two valid rows, or a cluster without valid members,
+      every valid row is accepted.
+    """
+    cbe = jnp.where(valid[:, None], cbe.astype(jnp.float32), 0.0)
+    result = k_wmeans(
+        key,
+        cbe,
+        valid.astype(jnp.float32),
+        rule=clustering,
+        centroid=centroid,
+        num_clusters=2,
+        n_init=n_init,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    labels = result.labels
+    member = (labels[:, None] == jnp.arange(2)[None, :]) & valid[:, None]  # [N, 2]
+    size = jnp.sum(member, axis=0)
+    centers = jnp.einsum(
+        "nk,nm->km", member.astype(jnp.float32), cbe, precision=jax.lax.Precision.HIGHEST
+    ) / jnp.maximum(size, 1)[:, None].astype(jnp.float32)
+    gap = wasserstein_1d(centers[0], centers[1])
+    by_l1 = jnp.argmin(jnp.sum(jnp.abs(centers), axis=1))
+    if select == "min_l1":
+        kept = by_l1
+    elif select == "majority":
+        kept = jnp.where(size[0] == size[1], by_l1, jnp.argmax(size))
+    else:
+        raise ValueError(f"select must be 'min_l1' or 'majority', got {select!r}")
+    attack = (gap > epsilon) & (jnp.min(size) > 0)
+    accepted = valid & (~attack | (labels == kept))
+    to_kept = wasserstein_to_rows(cbe, centers[kept][None, :])[:, 0]
+    scores = jnp.where(valid, to_kept, _INVALID_SCORE)
+    return MarsDecision(accepted, scores, labels, centers, gap, attack, kept.astype(jnp.int32))
+
+
 def mars(
     kappa: float = 0.05,
     epsilon: float = 0.03,
@@ -226,44 +314,23 @@ def mars(
         # below. Masking the updates first gives the same result but triples XLA:CPU compile time.
         cbe = mars_cbe(updates, global_variables, lay, kappa=kappa, chunk_size=chunk_size)
         valid = (client_weights > 0) & finite & jnp.all(jnp.isfinite(cbe), axis=1)
-        cbe = jnp.where(valid[:, None], cbe, 0.0)
-        w = valid.astype(jnp.float32)
 
         cluster_key = jax.random.key(seed) if seed is not None else key
-        dist = wasserstein_matrix(cbe) if clustering == "code" else None
-        result = k_wmeans(
+        decision = mars_select(
             cluster_key,
             cbe,
-            w,
-            rule=clustering,
+            valid,
+            state.epsilon,
+            clustering=clustering,
+            select=select,
             centroid=centroid,
-            num_clusters=2,
             n_init=n_init,
             max_iter=max_iter,
             tol=tol,
-            distances=dist,
         )
-        labels = result.labels
-        member = (labels[:, None] == jnp.arange(2)[None, :]) & valid[:, None]  # [N, 2]
-        size = jnp.sum(member, axis=0)
-        centers = jnp.einsum(
-            "nk,nm->km", member.astype(jnp.float32), cbe, precision=jax.lax.Precision.HIGHEST
-        ) / jnp.maximum(size, 1)[:, None].astype(jnp.float32)
-        gap = wasserstein_1d(centers[0], centers[1])
-        l1 = jnp.sum(jnp.abs(centers), axis=1)
-        by_l1 = jnp.argmin(l1)
-        if select == "min_l1":
-            keep = by_l1
-        else:
-            keep = jnp.where(size[0] == size[1], by_l1, jnp.argmax(size))
-        no_attack = (gap <= state.epsilon) | (jnp.min(size) == 0)
-        accepted = valid & (no_attack | (labels == keep))
-        accepted_f = accepted.astype(jnp.float32)
-
-        update = weighted_mean(updates, accepted_f * client_weights)
-        to_keep = wasserstein_to_rows(cbe, centers[keep][None, :])[:, 0]
-        scores = jnp.where(valid, to_keep, _INVALID_SCORE)
-        return DefenseResult(update=update, accepted=accepted_f, scores=scores), state
+        accepted = decision.accepted.astype(jnp.float32)
+        update = weighted_mean(updates, accepted * client_weights)
+        return DefenseResult(update=update, accepted=accepted, scores=decision.scores), state
 
     return Defense(init=init, apply=apply)
 
