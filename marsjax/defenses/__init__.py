@@ -43,6 +43,7 @@ from marsjax.defenses import (
     _norm_clipping,
     _rflbat,
 )
+from marsjax.defenses import _mars
 from marsjax.defenses._deepsight import deepsight
 from marsjax.defenses._fedavg import fedavg
 from marsjax.defenses._fedclp import fedclp
@@ -52,10 +53,14 @@ from marsjax.defenses._fltrust import fltrust
 from marsjax.defenses._foolsgold import foolsgold
 from marsjax.defenses._indicator import backdoor_indicator
 from marsjax.defenses._krum import krum, multi_krum
+from marsjax.defenses._mars import mars
 from marsjax.defenses._median import median, trimmed_mean
 from marsjax.defenses._norm_clipping import norm_clipping
 from marsjax.defenses._rflbat import rflbat
 from marsjax.defenses.base import Defense, DefenseContext, DefenseResult, EmptyState
+from marsjax.defenses.clustering import k_wmeans, kmeans, wasserstein_kmeans
+from marsjax.defenses.energy import backdoor_energy, concentrated_backdoor_energy
+from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_matrix
 
 __all__ = [
     "Defense",
@@ -65,6 +70,14 @@ __all__ = [
     "REGISTRY",
     "make",
     "fedavg",
+    "mars",
+    "backdoor_energy",
+    "concentrated_backdoor_energy",
+    "wasserstein_1d",
+    "wasserstein_matrix",
+    "kmeans",
+    "k_wmeans",
+    "wasserstein_kmeans",
     "krum",
     "multi_krum",
     "median",
@@ -95,6 +108,8 @@ REGISTRY = {
     "fedclp": _fedclp._build,
     "indicator": _indicator._build,
     "fltrust": _fltrust._build,
+    "mars": _mars._build,
+    "mars_star": _mars._build_star,
 }
 
 
