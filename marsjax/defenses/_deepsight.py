@@ -192,14 +192,15 @@ def deepsight(
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     bs = int(min(batch_size, num_samples))
     m = -(-int(num_samples) // bs) * bs
-    noise = jnp.stack(
-        [
-            jax.random.randint(jax.random.key(s), (m, *image_shape), 0, 256, jnp.int32).astype(
-                jnp.uint8
-            )
-            for s in range(num_seeds)
-        ]
-    )
+
+    def noise_images():
+        # Drawn inside the compiled round from fixed keys (no large constant in the program).
+        return jnp.stack(
+            [
+                jax.random.randint(jax.random.key(s), (m, *image_shape), 0, 256).astype(jnp.uint8)
+                for s in range(num_seeds)
+            ]
+        )
 
     def host(dd, neup, cd, sus, valid):
         return _deepsight_host(dd, neup, cd, sus, valid, tau=tau, min_cluster_size=min_cluster_size)
@@ -218,7 +219,7 @@ def deepsight(
             normalize,
             global_variables,
             clean,
-            noise,
+            noise_images(),
             batch_size=bs,
             client_chunk=client_chunk,
         )
