@@ -23,8 +23,9 @@ the defaults from the :class:`DefenseContext`):
 ``fltrust``        FLTrust (Cao et al., NDSS 2021), root data from ``ctx.server_data``
 =================  ==========================================================================
 
-Every ``apply`` also accepts an optional ``client_ids`` keyword (``int32 [N]``, the federation ids
-of the rows); FoolsGold and FLDetector use it to keep per-client history across rounds.
+The baselines' ``apply`` (and MARS's) also accept an optional ``client_ids`` keyword (``int32 [N]``,
+the federation ids of the rows); FoolsGold and FLDetector use it to keep per-client history across
+rounds, and fall back to a documented approximation without it.
 """
 
 from __future__ import annotations

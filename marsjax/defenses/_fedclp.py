@@ -20,7 +20,7 @@ and bias). Dense layers are never pruned (CLP only scores convolutions), so an M
 
 Nobody is rejected: ``accepted`` is 1 on valid rows; ``scores`` is the fraction of channels pruned
 in each local model. The per-channel singular values come from ``jnp.linalg.eigvalsh`` of the
-small ``min(C_in, kh * kw)``-sized Gram matrices, batched over channels and clients.
+small ``min(C_in, kh * kw)``-sized Gram matrices, batched over channels, one client at a time.
 """
 
 from __future__ import annotations
@@ -121,31 +121,18 @@ def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
     return bn_masks, conv_masks
 
 
-def _prune_update(update, global_variables, u: float):
-    """One client's update after CLP pruning of its local model (global + update)."""
-    local = jax.tree.map(lambda g, d: g + d, global_variables, update)
-    bn_masks, conv_masks = clp_masks(local, u)
-    out = jax.tree.map(lambda x: x, update)  # shallow structural copy
-    params = out["params"]
-    gparams = global_variables["params"]
-    pruned, total = 0, 0
-    for path, mask in bn_masks.items():
-        node, gnode = _get(params, path), _get(gparams, path)
-        for leaf in ("scale", "bias"):
-            node[leaf] = jnp.where(mask, -gnode[leaf], node[leaf])
-        pruned, total = pruned + jnp.sum(mask), total + mask.shape[0]
-    for path, mask in conv_masks.items():
-        node, gnode = _get(params, path), _get(gparams, path)
-        node["kernel"] = jnp.where(mask, -gnode["kernel"], node["kernel"])
-        if "bias" in node:
-            node["bias"] = jnp.where(mask, -gnode["bias"], node["bias"])
-        pruned, total = pruned + jnp.sum(mask), total + mask.shape[0]
-    frac = jnp.asarray(pruned, jnp.float32) / max(total, 1)
-    return out, frac
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
 
 
 def fedclp(u: float = 3.0) -> Defense:
     """FedCLP: CLP (threshold ``mean + u * std`` per layer) on every local model, then FedAvg.
+
+    The pruning decisions are computed one client at a time (``lax.map``: one local model in
+    memory); since pruning only overwrites whole channels, the average of the pruned models is the
+    average of the updates with those channels' entries replaced by ``-global``.
 
     Args:
       u: CLP's threshold in standard deviations (the MARS baselines: 3).
@@ -154,8 +141,33 @@ def fedclp(u: float = 3.0) -> Defense:
     def apply(key, updates, state, *, global_variables, client_weights, client_ids=None):
         del key, client_ids
         valid, clean, w = prepare(updates, client_weights)
-        pruned, frac = jax.vmap(lambda d: _prune_update(d, global_variables, u))(clean)
-        update = masked_weighted_mean(pruned, w)
+
+        def masks_of(delta):
+            local = jax.tree.map(lambda g, d: g + d, global_variables, delta)
+            return clp_masks(local, u)
+
+        bn_masks, conv_masks = jax.lax.map(masks_of, clean)  # dicts path -> bool [N, C]
+        update = masked_weighted_mean(clean, w)
+        total = jnp.sum(w)
+        inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        gparams, cparams = global_variables["params"], clean["params"]
+        pruned = jnp.zeros(w.shape, jnp.float32)
+        channels = 0
+        for masks, leaves in ((bn_masks, ("scale", "bias")), (conv_masks, ("kernel", "bias"))):
+            for path, mask in masks.items():
+                gnode, cnode = _get(gparams, path), _get(cparams, path)
+                for leaf in leaves:
+                    if leaf not in cnode:
+                        continue
+                    d, g = cnode[leaf], gnode[leaf]
+                    m = mask.reshape((mask.shape[0],) + (1,) * (d.ndim - 2) + (mask.shape[1],))
+                    ww = w.reshape((-1,) + (1,) * (d.ndim - 1))
+                    rows = jnp.where(m, -g[None].astype(d.dtype), d)
+                    agg = jnp.sum(jnp.where(ww != 0, ww * rows, 0.0), axis=0) * inv
+                    _set(update["params"], (*path, leaf), agg.astype(d.dtype))
+                pruned = pruned + jnp.sum(mask, axis=1)
+                channels += mask.shape[1]
+        frac = pruned / max(channels, 1)
         accepted, scores = finish(valid.astype(jnp.float32), frac, valid)
         return DefenseResult(update, accepted, scores), state
 
