@@ -80,7 +80,18 @@ class FLDetectorState(NamedTuple):
     excluded: jax.Array
 
 
-def lbfgs_hvp(s: jax.Array, y: jax.Array, v: jax.Array) -> jax.Array:
+def lbfgs_factors(s: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sigma, M)`` of the compact L-BFGS form for pairs ``s, y [m, D]`` (see :func:`lbfgs_hvp`)."""
+    m = s.shape[0]
+    sy = jnp.dot(s, y.T, precision=_HI)  # [m, m] (S^T Y)
+    ss = jnp.dot(s, s.T, precision=_HI)
+    low = jnp.tril(sy, -1)
+    d = jnp.diag(jnp.diag(sy))
+    sigma = sy[m - 1, m - 1] / ss[m - 1, m - 1]
+    return sigma, jnp.block([[sigma * ss, low], [low.T, -d]])
+
+
+def lbfgs_hvp(s: jax.Array, y: jax.Array, v: jax.Array, factors=None) -> jax.Array:
     """Compact L-BFGS approximation ``B v`` of the Hessian from pairs ``(s_k, y_k)``.
 
     ``B = sigma I - [sigma S, Y] M^{-1} [sigma S^T; Y^T]`` with ``M = [[sigma S^T S, L],
@@ -90,17 +101,13 @@ def lbfgs_hvp(s: jax.Array, y: jax.Array, v: jax.Array) -> jax.Array:
     Args:
       s, y: ``[m, D]`` pairs, oldest first.
       v: ``[n, D]`` vectors.
+      factors: :func:`lbfgs_factors` of ``(s, y)``, when already computed.
 
     Returns:
       ``[n, D]`` products ``B v_i``.
     """
     m = s.shape[0]
-    sy = jnp.dot(s, y.T, precision=_HI)  # [m, m] (S^T Y)
-    ss = jnp.dot(s, s.T, precision=_HI)
-    low = jnp.tril(sy, -1)
-    d = jnp.diag(jnp.diag(sy))
-    sigma = sy[m - 1, m - 1] / ss[m - 1, m - 1]
-    mat = jnp.block([[sigma * ss, low], [low.T, -d]])
+    sigma, mat = lbfgs_factors(s, y) if factors is None else factors
     p = jnp.concatenate(
         [sigma * jnp.dot(s, v.T, precision=_HI), jnp.dot(y, v.T, precision=_HI)], axis=0
     )
@@ -177,10 +184,15 @@ def fldetector(
         t_i = state.last_round[ids]
         seen = (t_i >= 0) & (t - t_i <= window + 1) & (t >= 1)
         coef = ((r_ord[None, :] > t_i[:, None]) & (r_ord[None, :] <= t - 1)).astype(jnp.float32)
-        v = v_now[None, :] + jnp.dot(coef, s_ord, precision=_HI)
-        hv = lbfgs_hvp(s_ord, y_ord, v)
-        pred = state.last_update[ids] + hv
-        dist = jnp.sqrt(jnp.sum(jnp.square(pred - g), axis=1))
+        factors = lbfgs_factors(s_ord, y_ord)
+
+        def distance(args):  # one client at a time: O(D) memory, not O(N D)
+            c, gi, idx = args
+            v = v_now + jnp.dot(c, s_ord, precision=_HI)
+            pred = state.last_update[idx] + lbfgs_hvp(s_ord, y_ord, v[None], factors)[0]
+            return jnp.sqrt(jnp.sum(jnp.square(pred - gi)))
+
+        dist = jax.lax.map(distance, (coef, g, ids))
         has_pred = valid & seen & full & jnp.isfinite(dist)
         tot = jnp.sum(jnp.where(has_pred, dist, 0.0))
         nd = jnp.where(has_pred & (tot > 0), dist / jnp.where(tot > 0, tot, 1.0), 0.0)
