@@ -714,7 +714,7 @@ def run_resumable(
         if any(f not in BOOKKEEPING_FIELDS for f in diff):
             raise ValueError(f"sim was built for another config (differs in {diff})")
     if not resume and r.checkpoint_every == 0:
-        out = simulation.run(cfg, dataset=dataset, progress=progress, sim=sim)
+        out = simulation.run(cfg, dataset=dataset, progress=progress, sim=sim, callback=callback)
         return {**out, "resumed_from": None}
     if directory is None:
         raise ConfigError(
