@@ -387,9 +387,77 @@ def _jax_result(case, compile_s, times, itf):
     }
 
 
+def run_paired(case: dict) -> dict:
+    """One client's local training per (model, impl) and the PyTorch loop, timed interleaved.
+
+    Round ``r`` times every variant once, back to back, so all variants see the same background
+    load; ``ratio_vs_*`` is the median over rounds of the per-round time ratio (robust on a shared
+    machine, where absolute numbers drift).
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    sys.path.insert(0, str(HERE / "baselines"))
+    import torch_fl
+
+    from marsjax.models.cnn import SimpleNet
+
+    samples, epochs, batch = case["samples"], case["epochs"], case["batch"]
+    rng = np.random.default_rng(0)
+    x_u8 = jnp.asarray(rng.integers(0, 256, (samples, 28, 28, 1), dtype=np.uint8))
+    y = jnp.asarray(rng.integers(0, 10, samples).astype(np.int32))
+    idx = jnp.arange(samples, dtype=jnp.int32)
+    fns, compile_s = {}, {}
+    for m in case["models"]:
+        for impl in case["impls"]:
+            model = SimpleNet(batch_norm=m == "simplenet_bn", conv_impl=impl)
+            v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+            train = make_local_train(model, batch_size=batch, epochs=epochs, max_len=samples)
+            a = (v["params"], v.get("batch_stats", {}), jax.random.key(1), x_u8, y, idx, samples)
+            t0 = time.perf_counter()
+            c = jax.jit(train).lower(*a).compile()
+            compile_s[f"jax/{m}/{impl}"] = time.perf_counter() - t0
+            fns[f"jax/{m}/{impl}"] = lambda c=c, a=a: jax.block_until_ready(c(*a))
+        tx = torch.from_numpy(rng.standard_normal((samples, 1, 28, 28), dtype=np.float32))
+        ty = torch.from_numpy(rng.integers(0, 10, samples)).long()
+        tmodel = torch_fl.make_model(m)
+        tidx = np.arange(samples)
+        fns[f"torch/{m}"] = lambda tm=tmodel, tx=tx, ty=ty, ti=tidx: torch_fl.local_train(
+            tm, tx, ty, ti, epochs=epochs, batch_size=batch
+        )
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    with Interference() as itf:
+        for _ in range(case["rounds"]):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    real = samples * epochs
+    out = {"other_cpu_frac": itf.other_cpu_frac, "torch_num_threads": torch.get_num_threads()}
+    variants = {}
+    for k, ts in times.items():
+        m = k.split("/")[1]
+        ref_j = times[f"jax/{m}/{case['impls'][0]}"]
+        ref_t = times[f"torch/{m}"]
+        variants[k] = {
+            "samples_per_s": real / float(np.median(ts)),
+            "samples_per_s_best": real / min(ts),
+            f"ratio_vs_{case['impls'][0]}": float(np.median(np.array(ref_j) / np.array(ts))),
+            "ratio_vs_torch": float(np.median(np.array(ref_t) / np.array(ts))),
+            "compile_s": compile_s.get(k),
+        }
+    out["variants"] = variants
+    return out
+
+
 def run_case(case: dict) -> dict:
     kind = case["kind"]
-    if kind == "peak":
+    if kind == "paired":
+        out = run_paired(case)
+    elif kind == "peak":
         out = run_peak(case)
     elif kind == "torch":
         out = run_torch(case)
@@ -455,6 +523,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-peak", action="store_true")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the peak matmul")
     ap.add_argument("--timeout", type=float, default=600.0, help="per case, seconds")
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="instead of the grid: N interleaved rounds of one client per model x impl + torch",
+    )
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument(
         "--wait-quiet",
@@ -512,6 +586,40 @@ def main(argv: list[str] | None = None) -> None:
             out_f.write(line + "\n")
             out_f.flush()
         return res
+
+    if args.paired:
+        if not args.no_peak:
+            peaks.update(emit(f"matmul_peak_{args.peak_n}", {"kind": "peak", "n": args.peak_n}))
+        case = {
+            "kind": "paired",
+            "models": args.models.split(","),
+            "impls": args.impls.split(","),
+            "rounds": args.paired,
+            **base,
+        }
+        res = _spawn(case, args.xla_flags, args.timeout)
+        for name, v in res.pop("variants", {}).items():
+            rec = {
+                "case": f"paired/{name}",
+                **common,
+                **{k: c for k, c in case.items() if k != "kind"},
+            }
+            rec.update(res, **v, loadavg=list(os.getloadavg()))
+            if name.startswith("jax"):
+                rec["flops_per_sample"] = flops
+                rec["flops_per_s"] = flops * v["samples_per_s"]
+                for k in ("jax", "torch"):
+                    if f"peak_gflops_{k}" in peaks:
+                        rec[f"frac_peak_{k}"] = rec["flops_per_s"] / 1e9 / peaks[f"peak_gflops_{k}"]
+            line = json.dumps(rec)
+            print(line, flush=True)
+            if out_f:
+                out_f.write(line + "\n")
+        if "error" in res:
+            print(json.dumps(res))
+        if out_f:
+            out_f.close()
+        return
 
     if not args.no_peak:
         n = args.peak_n
