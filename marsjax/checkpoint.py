@@ -286,8 +286,13 @@ def _abstract(leaf: Any, meta: dict) -> jax.ShapeDtypeStruct:
 
 
 def _rebuild(value: Any, like: Any, meta: dict) -> Any:
-    """A restored leaf placed like ``like``: same sharding, and committed only if ``like`` is
-    (an uncommitted input where the compiled round saw a committed one would recompile it)."""
+    """A restored leaf of the kind of ``like``: a Python scalar or numpy array as such; a JAX array
+    with the same sharding, committed only if ``like`` is (an uncommitted input where the
+    compiled round saw a committed one would recompile it)."""
+    if isinstance(like, (bool, int, float, complex)):
+        return type(like)(np.asarray(value).item())
+    if isinstance(like, (np.ndarray, np.generic)):
+        return np.asarray(value).astype(like.dtype)
     if isinstance(like, jax.Array) and not getattr(like, "committed", True):
         value = jnp.asarray(np.asarray(value))
     if "key_impl" in meta:

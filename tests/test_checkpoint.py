@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _leaves(tree) -> list[np.ndarray]:
     out = []
     for x in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         out.append(np.array(x))
     return out
@@ -36,7 +36,9 @@ def _assert_trees_equal(a, b) -> None:
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(x, y)
+        if x.tobytes() != y.tobytes():  # bit for bit (NaN payloads included)
+            np.testing.assert_array_equal(x, y)
+            raise AssertionError(f"same values, other bits: {x!r} vs {y!r}")
 
 
 def _strip(records) -> list[list]:
@@ -451,3 +453,47 @@ def test_long_checkpointed_run_keeps_memory_flat(finished, tmp_path, digits):
     assert all(live[k] == live[k + 8] for k in range(8, len(live) - 8)), live
     assert rss[-1] - rss[8] < 40, rss  # MB; the records list grows by design (~3 KB a round)
     assert checkpoint.latest_round(out) == 64
+
+
+def test_states_of_any_leaf_kind_roundtrip(tmp_path):
+    """Defense and attack states may hold Python scalars, numpy arrays, typed keys of another
+    implementation, empty nodes: each comes back as what it was, bit for bit."""
+    from typing import NamedTuple
+
+    import jax.numpy as jnp
+
+    class State(NamedTuple):
+        round: object
+        count: int
+        scale: float
+        flag: bool
+        history: np.ndarray
+        keys: object
+        empty: tuple
+        nested: dict
+
+    cfg = get_preset("demo")
+    state = State(
+        jnp.int32(2),
+        7,
+        0.25,
+        True,
+        np.arange(6, dtype=np.float64).reshape(2, 3),
+        jax.random.split(jax.random.key(3, impl="rbg"), 4),
+        (),
+        {"a": jnp.full((3,), jnp.nan, jnp.bfloat16), "b": jnp.array([1, 2], jnp.uint8)},
+    )
+    with Checkpointer(tmp_path, cfg) as ckpt:
+        ckpt.save(state, [{"round": 0}, {"round": 1}])
+        got, records = ckpt.restore(state, check_config=False)
+    assert records == [{"round": 0}, {"round": 1}]
+    assert type(got.count) is int and got.count == 7
+    assert type(got.scale) is float and got.scale == 0.25 and got.flag is True
+    assert isinstance(got.history, np.ndarray) and got.history.dtype == np.float64
+    assert str(jax.random.key_impl(got.keys)) == str(jax.random.key_impl(state.keys))
+    assert got.empty == () and got.nested["a"].dtype == jnp.bfloat16
+    _assert_trees_equal(got, state)
+    with pytest.raises(CheckpointError, match=r"\.keys: checkpoint"):
+        Checkpointer(tmp_path, cfg).restore(
+            state._replace(keys=jax.random.split(jax.random.key(3), 4)), check_config=False
+        )
