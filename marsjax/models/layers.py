@@ -1,16 +1,47 @@
-"""Layers whose implementation is chosen per backend.
+"""Layers whose implementation is chosen per backend, from measurements.
 
-XLA:CPU runs its own convolution slowly, and a convolution ``vmap``-ed over clients that each hold
-their own weights becomes a grouped convolution, slower still (env.md §5). :class:`Conv` keeps the
-parameter layout of :class:`flax.linen.Conv` (``kernel`` ``[kh, kw, c_in, c_out]``, ``bias``
-``[c_out]``), so code that reads a model's variables (backdoor energy, checkpoints) does not care
-which implementation ran, and lets the caller choose how it is computed:
+:class:`Conv` keeps the parameter layout of :class:`flax.linen.Conv` (``kernel``
+``[kh, kw, c_in, c_out]``, ``bias`` ``[c_out]``), so code that reads a model's variables (backdoor
+energy, checkpoints) does not care which implementation ran, and lets the caller choose how it is
+computed. All implementations are the same function (outputs and gradients equal
+:func:`jax.lax.conv_general_dilated` to float rounding; ``tests/models/test_layers.py``):
 
-* ``"xla"``: :func:`jax.lax.conv_general_dilated` (cuDNN on GPU).
-* ``"im2col"``: the patches are built from ``kh * kw`` strided slices and multiplied with the kernel
-  reshaped to ``[kh * kw * c_in, c_out]``: one matrix product, which ``vmap`` turns into a batched
-  matrix product rather than a grouped convolution.
-* ``"auto"``: the choice measured fastest on the default backend (:func:`default_conv_impl`).
+* ``"xla"``: :func:`jax.lax.conv_general_dilated` (cuDNN on GPU). ``vmap`` over clients that each
+  hold their own kernel turns it into a grouped convolution.
+* ``"im2col"``: patches times the kernel reshaped to ``[kh * kw * c_in, c_out]``: one matrix
+  product, which ``vmap`` turns into a batched matrix product. The patches are built in two
+  stages: ``kw`` slices along W concatenated on the channel axis, then ``kh`` slices of that along
+  H, so ``kw + kh`` wide copies (and as many pads in the backward pass) instead of ``kh * kw``
+  thin ones.
+* ``"im2col_flat"``: the same patches from ``kh * kw`` slices (the first version, kept for the
+  benchmark).
+* ``"patches"``: :func:`jax.lax.conv_general_dilated_patches` then one matrix product.
+* ``"auto"``: :func:`default_conv_impl` of the default backend.
+
+Measured with ``benchmarks/conv_impl.py`` (local training of the paper's SimpleNet: SGD momentum,
+batch 64; samples/s, or speed relative to ``im2col``):
+
+=====================================  =========  ==========  ===========  =========
+case                                    ``xla``    ``im2col``  im2col_flat  patches
+=====================================  =========  ==========  ===========  =========
+H100, ``vmap`` over 100 clients         429,329    1,190,453               422,930
+H100, BatchNorm, ``vmap``               551,076    1,054,478               403,045
+H100, ResNet-18 at 1/4 width, ``vmap``   45,740       76,620
+2-core AMD EPYC, one client, paired     x 0.06     x 1         x 0.88       x 0.25
+2-core AMD EPYC, BatchNorm, paired      x 0.08     x 1         x 0.85       x 0.37
+=====================================  =========  ==========  ===========  =========
+
+GPU rows: ``benchmarks/results/conv_impl_gpu.jsonl`` (JAX 0.11.2; 2 local epochs of 600 samples;
+the PyTorch per-client loop ran 28,196 samples/s there). CPU rows: the ``paired/...`` lines of
+``benchmarks/results/conv_impl_cpu.jsonl`` (JAX 0.10.2): the implementations timed in interleaved
+rounds in one process, median per-round ratio, on a machine that other processes kept busy; XLA's
+own convolution (its weight gradient above all) is the slow one even without ``vmap``. So
+``im2col`` is the default on CPU and on GPU. TPUs run convolutions natively on the MXU and were not
+measured: ``xla`` there.
+
+``im2col`` materialises the patches, ``kh * kw`` times the input activation: for wide models
+``vmap``-ed over many clients on a GPU, bound the memory by running the clients in chunks
+(``lax.map(..., batch_size=k)``).
 """
 
 from __future__ import annotations
@@ -30,10 +61,11 @@ CONV_IMPLS = ("auto", "xla", "im2col", "im2col_flat", "patches")
 def default_conv_impl(backend: str | None = None) -> str:
     """The convolution implementation measured fastest on ``backend`` (default: JAX's default).
 
-    The measurements behind this choice are in ``benchmarks/results/conv_impl_*.jsonl``.
+    ``"im2col"`` on CPU and GPU (see the module docstring for the numbers and
+    ``benchmarks/results/conv_impl_*.jsonl`` for the runs), ``"xla"`` elsewhere (not measured).
     """
     backend = backend or jax.default_backend()
-    return "im2col" if backend == "cpu" else "xla"
+    return "im2col" if backend in ("cpu", "gpu", "cuda", "rocm") else "xla"
 
 
 def _pad_amounts(padding: str | Sequence[tuple[int, int]], kh: int, kw: int):
