@@ -26,6 +26,18 @@ dense layer, forward + backward, no input gradient for the first layer), ``frac_
 ``other_cpu_frac`` (share of the machine's CPU time used by other processes while the case was
 timed: the noise indicator), the command line, CPU model and date.
 
+Last results (2026-11-26; files under ``benchmarks/results/``; samples/s of local training):
+
+* H100 (``conv_impl_gpu.jsonl``, 100 clients x 600 samples x 2 epochs): SimpleNet ``im2col`` +
+  ``vmap`` 1,190,453; ``xla`` + ``vmap`` 429,329; ``im2col`` + ``map`` 517,724; PyTorch
+  per-client loop on the GPU 28,196.
+* 2 cores of a Xeon, pinned, idle otherwise (``conv_impl_cpu_xeon2.jsonl``, 10 clients):
+  ``im2col`` + ``shard`` 4,005, + ``map`` 3,925, + ``vmap`` 2,657; PyTorch loop 3,401-3,705.
+* 2-core AMD EPYC (``conv_impl_cpu.jsonl``): other processes used 65-90 % of the CPU throughout;
+  in ``--paired`` rounds ``im2col`` was 1.14-1.18x ``im2col_flat``, 4x ``patches``, 12-16x
+  ``xla``; PyTorch's OpenMP loop collapses under that load (60-200 samples/s) while XLA degrades
+  in proportion (1,100-3,300).
+
 Usage (a few minutes)::
 
     python benchmarks/conv_impl.py --out benchmarks/results/conv_impl_cpu.jsonl
