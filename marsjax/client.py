@@ -157,15 +157,19 @@ def make_local_train(
         valid = jnp.arange(max_len) < count
         safe_count = jnp.maximum(count, 1)
 
-        def body(carry):
-            s, params, batch_stats, opt_state, loss_sum = carry
-            epoch = s // per_epoch
-            b = s % per_epoch
+        def epoch_order(epoch):
+            # The client's valid positions in a fresh random order (padding sorts last).
             noise = jax.random.uniform(jax.random.fold_in(order_key, epoch), (max_len,))
-            order = jnp.argsort(jnp.where(valid, noise, 2.0))
+            return jnp.argsort(jnp.where(valid, noise, 2.0)).astype(jnp.int32)
+
+        def body(carry):
+            s, params, batch_stats, opt_state, loss_sum, order = carry
+            epoch = s // per_epoch
+            b = s - epoch * per_epoch
+            order = jax.lax.cond(b == 0, epoch_order, lambda e: order, epoch)  # once per epoch
             pos = (b * batch_size + jnp.arange(batch_size)) % safe_count
             sample = idx[order[pos]]
-            x = data.x[sample]
+            x = data.x[sample]  # uint8 gather on the device
             y = data.y[sample]
             k = jax.random.fold_in(step_key, s)
             if batch_fn is not None:
@@ -173,10 +177,17 @@ def make_local_train(
             (loss, new_bs), grads = grad_fn(params, batch_stats, x, y, k, aux)
             upd, opt_state = opt.update(grads, opt_state, params)
             params = optax.apply_updates(params, upd)
-            return s + 1, params, new_bs, opt_state, loss_sum + loss
+            return s + 1, params, new_bs, opt_state, loss_sum + loss, order
 
-        carry = (jnp.int32(0), params, batch_stats, opt.init(params), jnp.float32(0.0))
-        _, params, batch_stats, _, loss_sum = jax.lax.while_loop(
+        carry = (
+            jnp.int32(0),
+            params,
+            batch_stats,
+            opt.init(params),
+            jnp.float32(0.0),
+            jnp.zeros((max_len,), jnp.int32),
+        )
+        _, params, batch_stats, _, loss_sum, _ = jax.lax.while_loop(
             lambda c: c[0] < total, body, carry
         )
         out = dict(variables)
