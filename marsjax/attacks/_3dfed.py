@@ -31,6 +31,18 @@ Per attack round, inside the compiled round (all shapes static):
 
 The state (:class:`ThreeDFedState`) lives in ``RoundState.attack_state`` and is checkpointed.
 
+**Scale of the constants.** The official constants assume large layers. An indicator is the
+upload's entry ``Δ_bd[I]`` (one of the smallest of the layer) times ``indicator_scale`` = 1e5, and
+it is read as rejected below ``indicator_threshold``, so ``threshold ~ 1 / scale`` only separates
+"rejected" from "benign clients moved that weight" when the smallest entries are tiny: among the
+2.4M weights of ResNet-18's ``layer4.1.conv2`` they are ~1e-9 (implanted values ~1e-4), among the
+25k of the MNIST SimpleNet's ``conv2`` small enough, but among the 4.6k of the 8x8 ``digits``
+SimpleNet they are ~1e-4, so the implanted values reach ~10 (a conspicuous spike) and benign
+movement triggers the weak-DP switch. Likewise ``UPs = ups_coef / Σ|Δ_bd + n|`` grows the masks
+until ``Σ|·|`` over the output neuron's fan-in is ~``ups_coef``-sized, which is large next to a
+64-input output layer's update. For such small models pass e.g. ``indicator_scale=1e3,
+indicator_threshold=1e-3, ups_coef=1e-3`` (what the digits tests and results use).
+
 **Data.** The shared backdoored model trains on the shard of the round's attacker with the
 smallest client id (``data="first"``, the official "attacker 0") or on all the round's attackers'
 shards (``data="pooled"``). The benign reference ``Δ_ben`` is the simulator's own update of that
