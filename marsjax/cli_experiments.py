@@ -1,0 +1,184 @@
+"""The ``marsjax sweep``, ``marsjax pretrain`` and ``marsjax plot`` subcommands.
+
+    marsjax sweep SWEEP.py [--only AXIS=LABEL[,LABEL...] ...] [--set section.field=value ...]
+                           [--list] [--redo-changed] [--progress]
+    marsjax pretrain CONFIG [--out DIR] [--target-acc ACC] [--max-rounds N] [--eval-every K]
+                            [--set ...]
+    marsjax plot RESULTS_DIR | SWEEP.py
+
+``SWEEP.py`` defines ``get_sweep()`` returning a :class:`marsjax.sweep.Sweep`; a sweep reruns
+nothing that is done, resumes what has a checkpoint, pretrains its clean start first when it has
+one, and writes ``table.md``, ``table.csv``, ``heatmap_cad.png`` and ``curves_*.png`` into its
+results folder. ``CONFIG`` of ``pretrain`` is a preset or a ``.py`` file with ``get_config()``
+(and optionally ``get_pretrain()`` returning a :class:`marsjax.pretrain.PretrainSpec`, whose
+values the flags override). ``plot`` rewrites the tables and plots of a sweep from its files.
+
+:func:`add_subcommands` adds the three to the ``marsjax`` parser; ``python -m
+marsjax.cli_experiments ...`` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from marsjax.config import ConfigError
+
+__all__ = ["add_subcommands", "main"]
+
+
+def _parse_only(items: Sequence[str]) -> dict[str, list[str]]:
+    only: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--only {item!r} must look like AXIS=LABEL[,LABEL...]")
+        axis, labels = item.split("=", 1)
+        only.setdefault(axis.strip(), []).extend(x.strip() for x in labels.split(",") if x)
+    return only
+
+
+def _cmd_sweep(args) -> int:
+    from marsjax import sweep as sweep_lib
+
+    sweep = sweep_lib.load_sweep(args.spec, args.set)
+    if args.list:
+        pretrained = sweep.pretrain.out_dir if sweep.pretrain else None
+        for r in sweep_lib.expand(sweep, pretrained):
+            print(f"{sweep_lib.status(r):8s} {r.out_dir}")
+        return 0
+    result = sweep_lib.run_sweep(
+        sweep,
+        only=_parse_only(args.only),
+        progress=args.progress,
+        redo_changed=args.redo_changed,
+    )
+    table = pathlib.Path(result.outputs["table.md"])
+    print(table.read_text())
+    print(f"results: {sweep.results_dir}")
+    if result.failed:
+        for rid, why in result.failed.items():
+            print(f"marsjax: run {rid} failed: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_module_attr(spec: str, name: str):
+    path = pathlib.Path(spec)
+    if not spec.endswith(".py") or not path.exists():
+        return None
+    module_spec = importlib.util.spec_from_file_location(f"_marsjax_cfg_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name, None)
+
+
+def _cmd_pretrain(args) -> int:
+    from marsjax.cli import load_config
+    from marsjax.pretrain import PretrainSpec, pretrain
+
+    cfg = load_config(args.config, args.set)
+    get_pretrain = _load_module_attr(args.config, "get_pretrain")
+    spec = get_pretrain() if get_pretrain is not None else None
+    if spec is not None and not isinstance(spec, PretrainSpec):
+        raise ConfigError(f"{args.config}: get_pretrain() must return a PretrainSpec")
+    out = args.out or (spec.out_dir if spec else None)
+    if out is None:
+        raise ConfigError("give --out DIR (the config defines no get_pretrain())")
+    target = args.target_acc if args.target_acc is not None else (spec and spec.target_acc)
+    res = pretrain(
+        cfg,
+        out,
+        target_acc=target or None,
+        max_rounds=args.max_rounds or (spec.max_rounds if spec else None),
+        eval_every=args.eval_every or (spec.eval_every if spec else None),
+        progress=not args.quiet,
+    )
+    state = "already done" if res.skipped else f"{res.wall_s:.0f}s"
+    print(
+        f"pretrained {cfg.name}: round {res.rounds}, ACC {res.acc:.2f}, ASR {res.asr:.2f}"
+        + (
+            f" (target {res.target_acc:.2f}: {'reached' if res.reached else 'NOT reached'})"
+            if res.target_acc is not None
+            else ""
+        )
+        + f"; {state}"
+    )
+    print(f"checkpoint: {pathlib.Path(out) / res.checkpoint}  (run.init_checkpoint={out})")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from marsjax import sweep as sweep_lib
+
+    target = args.target
+    if target.endswith(".py"):
+        target = str(sweep_lib.load_sweep(target).results_dir)
+    outputs = sweep_lib.write_outputs(target)
+    print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Adds ``sweep``, ``pretrain`` and ``plot`` to the ``marsjax`` subparsers.
+
+    Each parser sets ``fn`` (called with the parsed arguments; returns the exit status), as the
+    other ``marsjax`` subcommands do.
+    """
+    sp = subparsers.add_parser("sweep", help="run a grid of experiments (a get_sweep() file)")
+    sp.add_argument("spec", help="Python file with get_sweep()")
+    sp.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=LABEL[,LABEL]",
+        help="run only these points (e.g. --only defense.name=mars,fedavg; 'seed' is an axis)",
+    )
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the sweep's base config (e.g. data.data_dir=DIR)",
+    )
+    sp.add_argument("--list", action="store_true", help="list the runs and their status, run none")
+    sp.add_argument(
+        "--redo-changed", action="store_true", help="rerun finished runs whose config changed"
+    )
+    sp.add_argument("--progress", action="store_true", help="a progress bar per run")
+    sp.set_defaults(fn=_cmd_sweep)
+
+    sp = subparsers.add_parser(
+        "pretrain", help="clean FedAvg to a target accuracy, saved as a starting checkpoint"
+    )
+    sp.add_argument("config", help="preset name or Python file with get_config()")
+    sp.add_argument("--out", help="results folder (default: the config's get_pretrain())")
+    sp.add_argument("--target-acc", type=float, help="stop at this test accuracy (%%)")
+    sp.add_argument("--max-rounds", type=int, help="the most rounds")
+    sp.add_argument("--eval-every", type=int, help="evaluate and checkpoint every K rounds")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=_cmd_pretrain)
+
+    sp = subparsers.add_parser("plot", help="rewrite a sweep's tables and plots from its files")
+    sp.add_argument("target", help="a sweep results folder, or the sweep's .py file")
+    sp.set_defaults(fn=_cmd_plot)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m marsjax.cli_experiments {sweep,pretrain,plot} ...``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="marsjax", description=__doc__.split("\n\n")[0])
+    add_subcommands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"marsjax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
