@@ -250,6 +250,16 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marsjax", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--keep-checkpoints",
-        type=int,
+        type=_positive_int,
         default=2,
         metavar="N",
         help="keep the latest N checkpoints (default 2)",
