@@ -348,6 +348,13 @@ def threedfed(
     if ctx.num_classes < 2:
         raise ValueError("3DFed needs at least 2 classes")
 
+    x0 = jax.ShapeDtypeStruct((1, *ctx.image_shape), jnp.float32)
+    find_layers(  # fail at build time, naming the option, if a layer is missing
+        jax.eval_shape(ctx.model.init, jax.random.key(0), x0)["params"],
+        indicator_layer,
+        output_layer,
+        decoy_layer,
+    )
     t = ctx.train
     bs = batch_size or t.batch_size
     num_slots_att = max(1, min(ctx.clients_per_round, ctx.num_attackers))  # A

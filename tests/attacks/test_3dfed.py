@@ -331,6 +331,13 @@ def test_find_layers_generic():
     assert lay["decoy"] == ("fc1", "kernel")
     with pytest.raises(ValueError, match="indicator_layer"):
         find_layers(p2["params"], indicator="conv9/kernel")
+    # the factory checks the layers when the experiment is built (a config error, not a trace one)
+    cfg = override(
+        get_preset("demo"),
+        {"attack.name": "3dfed", "attack.options": {"decoy_layer": "fc9/kernel"}},
+    )
+    with pytest.raises(ValueError, match="attack.options.decoy_layer"):
+        simulation.build(cfg, load_dataset("digits"))
 
 
 # ------------------------------------------------------------------------------------------------
