@@ -1,8 +1,8 @@
 """End-to-end runs of the paper's attacks in the compiled round (digits, from a briefly trained model).
 
 * every attack compiles into the round once, keeps the global model finite and its state's
-  structure; CerP and 3DFed backdoor a FedAvg federation (MRA's rows are checked in test_mra.py,
-  its run here is the Multi-Krum baseline);
+  structure; CerP backdoors a FedAvg federation, 3DFed one behind Multi-Krum (the ASR of every
+  attack under FedAvg is measured in experiments/results/attacks_report.md);
 * 3DFed gets past Multi-Krum's distance filtering where plain scaled poisoning (MRA) does not
   (acceptance 3 of issue #4).
 
@@ -96,15 +96,8 @@ def _run(digits, pretrained, attack, options, defense="fedavg", rounds=4):
     return sim.eval_state(state), records, state
 
 
-@pytest.mark.parametrize(
-    "attack, options",
-    [
-        ("cerp", {"poison_epochs": 3}),
-        ("3dfed", DIGITS_3DFED),
-    ],
-)
-def test_attack_backdoors_fedavg(digits, pretrained, attack, options):
-    ev, records, _ = _run(digits, pretrained, attack, options, rounds=7)
+def test_cerp_backdoors_fedavg(digits, pretrained):
+    ev, records, _ = _run(digits, pretrained, "cerp", {"poison_epochs": 3}, rounds=7)
     assert all(int(r["num_attackers"]) == 2 and int(r["num_dropped"]) == 0 for r in records)
     assert ev["acc"] > 80.0
     assert ev["asr"] > 50.0, ev  # clean model: ~10
