@@ -26,8 +26,9 @@ code rule equivalent to clustering the remaining clients alone.
 
 Why not ``ott.tools.k_means``: ott-jax 0.6.0's k-means++ draws its first center uniformly and its
 D^2 sampling ignores the point weights, so a weight-0 (rejected) client can become a center, and its
-``tol`` is absolute. The loop here is as short and matches sklearn's semantics; on the 20-client
-problem it runs in well under a millisecond after compilation (benchmarks/bench_mars.py).
+``tol`` is absolute. The loop here is as short and follows sklearn's semantics. Speed (case
+``kmeans_impl`` of ``benchmarks/bench_mars.py``, 2-core CPU): 0.2 ms for 20 clients and a few ms
+for 1000 (rows of a 1000 x 1000 W1 matrix), against about 1 s for sklearn.
 """
 
 from __future__ import annotations
@@ -69,7 +70,12 @@ class KMeansResult(NamedTuple):
 
 
 def _sq_euclidean(x: jax.Array, centers: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(x[:, None, :] - centers[None, :, :]), axis=-1)
+    """``||x_i - c_j||^2`` as ``|x|^2 - 2 x.c + |c|^2`` (one matrix product, as sklearn computes it;
+    20x faster than the broadcast difference for 1000 x 1000 rows)."""
+    xx = jnp.sum(x * x, axis=1)[:, None]
+    cc = jnp.sum(centers * centers, axis=1)[None, :]
+    xc = jnp.dot(x, centers.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(xx - 2.0 * xc + cc, 0.0)
 
 
 def _weighted_means(x: jax.Array, member: jax.Array) -> jax.Array:
@@ -342,8 +348,7 @@ def k_wmeans(
       :class:`KMeansResult`; ``centers`` are in the feature space of the rule (rows of ``D`` or CBE)
       divided by the largest entry: both rules are invariant to a positive scale of the data, and
       the division keeps squared distances finite in float32 when a client's energies are huge
-      (a finite 1e30 update gives CBE values near 1e31; the official code's float64 pipeline
-      copes with them the same way).
+      (the official code computes these distances in float64).
     """
     n = cbe.shape[0]
     w = jnp.ones(n, jnp.float32) if weights is None else weights.astype(jnp.float32)

@@ -35,22 +35,35 @@ submodules (abstractly, no FLOPs) and does not depend on dict order. Without a l
 :func:`backdoor_energy` walks the dict's own order and warns when it finds BatchNorms it cannot
 pair, the sign of a sorted dict.
 
-How sigma_max is computed (measured on the ResNet-18 conv stack, 4,800 channels, 2-core CPU, jax
-0.10.2, 2026-11; the machine was shared, so read the ratios): the per-channel matrices are thin
-(``C_in x 9`` for 3x3 kernels), so we form the Gram matrix on the small side (``9 x 9``; ``3 x 3`` for
-an RGB stem; a vector norm when a side is 1) and take ``sqrt`` of the largest eigenvalue from ONE
-batched ``jnp.linalg.eigvalsh`` per distinct Gram size. Per client: batched
-``jnp.linalg.svd(compute_uv=False)`` per layer 160 ms; Gram + one eigvalsh 58 ms (Gram 23 ms,
-eigvalsh 40 ms); Gram + svd of the Gram 55 ms; ``vmap`` over 8 clients 184 vs 65 ms per client.
-Squaring the condition number does not hurt here: the error of the LARGEST eigenvalue of a symmetric
-matrix is bounded by ``||dG||`` relative to ``||G|| = lambda_max``, so only the small singular values,
-which we do not need, lose accuracy. Measured max relative error vs float64 numpy SVD: 5e-7 on
-random kernels; the tests also check ill-conditioned and rank-1 channels and entries from 1e-30 to
-1e30. Each channel matrix is divided by its largest absolute entry before the Gram product (and the
-factor restored after), so squares neither overflow nor underflow in float32, and the Gram product
-runs at ``Precision.HIGHEST`` (no TF32 on GPUs). Keep the number of eigvalsh calls small: with jaxlib
-0.10.2 on this CPU, one jitted program holding 19 or more independent batched ``eigvalsh`` calls
-hung in XLA's thread pool; one call per Gram size (1 to 3 for common networks) does not.
+How sigma_max is computed. The per-channel matrices are thin (``C_in x 9`` for 3x3 kernels), so we
+form each channel's Gram matrix on the small side (``9 x 9``; ``3 x 3`` for an RGB stem; ``1 x 1``,
+i.e. a squared vector norm, for 1x1 kernels) and take ``sqrt`` of its largest eigenvalue, from ONE
+batched ``jnp.linalg.eigvalsh`` per distinct Gram size. The flax ``[kh, kw, C_in, C_out]`` kernel is
+brought to ``[C_out, kh*kw, C_in]`` by one 2-D transpose (XLA:CPU runs it about 3x faster than the
+equivalent 3-D permutation, and a Gram product contracting a non-minor axis ran 6x slower still).
+Measured on the 4,800 conv channels of ResNet-18 (``benchmarks/bench_mars.py``, case
+``sigma_max_method``, 2-core AMD EPYC VM shared with other jobs, jax 0.10.2, 2026-11-26; process
+CPU time, which the sharing distorts less than wall time): batched ``jnp.linalg.svd`` per layer
+129 ms, Gram + eigvalsh 30 ms (4.3x less), the whole BE step from the flax kernels (layout change
+included) 52 ms; under ``vmap`` over 8 clients 126 vs 47 ms per client. Accuracy: the error of the
+LARGEST eigenvalue of a symmetric matrix is bounded by ``||dG|| <= c * eps * ||G||`` and
+``||G|| = lambda_max``, so squaring the condition number only costs accuracy in the small singular
+values, which we do not use. Max relative error vs float64 numpy SVD: 3.8e-7 (batched float32 SVD:
+5.0e-7); the tests also check rank-1, nearly rank-1 and 7-decade ill-conditioned channels to 1e-5.
+The Gram product runs at ``Precision.HIGHEST`` (no TF32 passes on GPUs).
+
+Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
+non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
+about ``1e-15`` lose accuracy. ``rescale=True`` divides each channel by its largest entry first
+(exact for any finite kernel, about 1.6x the cost).
+
+Two jaxlib 0.10.2 CPU problems met on the way, worth knowing elsewhere: (1) inside one jitted
+program, 19 or more independent batched ``eigvalsh`` calls hung in XLA's thread pool (hence one
+call per Gram size); (2) ``jnp.linalg.svd`` of an operand produced by a reshape/transpose inside the
+same jit (e.g. ``svd(k.reshape(-1, c).T.reshape(c, 9, -1))`` with ``k`` a jit argument of shape
+``[3, 3, 16, 16]`` or larger) returned wrong singular values (relative errors from 1 to 1e29);
+the Gram path feeds ``eigvalsh`` a freshly computed symmetric matrix and is checked end to end
+against numpy in the tests.
 """
 
 from __future__ import annotations
@@ -279,48 +292,59 @@ def _max_eig_grouped(grams: list[jax.Array]) -> list[jax.Array]:
     return out  # type: ignore[return-value]
 
 
-def _scaled_gram(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gram matrix of ``m / max|m|`` on its smaller side, and the factor ``max|m|``.
+def _gram(m: jax.Array) -> jax.Array:
+    """Gram matrices of ``m`` ``[n, a, b]`` on the smaller side: ``[n, min(a, b), min(a, b)]``."""
+    hi = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes on accelerators
+    if m.shape[1] <= m.shape[2]:
+        return jnp.einsum("nai,nbi->nab", m, m, precision=hi)
+    return jnp.einsum("nia,nib->nab", m, m, precision=hi)
 
-    ``m`` is ``[a, b, n]``: ``n`` matrices ``a x b``. Returns the Gram ``[n, d, d]`` with
-    ``d = min(a, b)`` and the per-matrix factor ``[n]``.
+
+def _matrix_norms(mats: Sequence[jax.Array], rescale: bool) -> list[jax.Array]:
+    """sigma_max of every matrix of each ``[n, a, b]`` batch (one eigvalsh per Gram size)."""
+    grams, factors = [], []
+    for m in mats:
+        m = m.astype(jnp.float32)
+        if rescale:
+            s = jnp.max(jnp.abs(m), axis=(1, 2))
+            m = m / jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)[:, None, None]
+            factors.append(s)
+        else:
+            factors.append(None)
+        grams.append(_gram(m))
+    lams = _max_eig_grouped(grams)
+    out = []
+    for s, lam in zip(factors, lams):
+        sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
+        out.append(sigma if s is None else s * sigma)
+    return out
+
+
+def _channel_matrices(kernel: jax.Array) -> jax.Array:
+    """``[kh, kw, C_in, C_out]`` -> ``[C_out, kh*kw, C_in]``, channel ``k``'s matrix in row ``k``.
+
+    One 2-D transpose of the ``[kh*kw*C_in, C_out]`` view: XLA:CPU runs it about 3x faster than the
+    equivalent 3-D permutation, and the Gram product then contracts the minor axis.
     """
-    a, b, _ = m.shape
-    m = m.astype(jnp.float32)
-    s = jnp.max(jnp.abs(m), axis=(0, 1))
-    s_safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)
-    m = m / s_safe
-    hi = jax.lax.Precision.HIGHEST
-    if a <= b:
-        g = jnp.einsum("pin,qin->npq", m, m, precision=hi)
-    else:
-        g = jnp.einsum("pin,pjn->nij", m, m, precision=hi)
-    return g, s
+    kh, kw, cin, cout = kernel.shape
+    return kernel.reshape(kh * kw * cin, cout).T.reshape(cout, kh * kw, cin)
 
 
-def channel_spectral_norms(kernel: jax.Array) -> jax.Array:
+def channel_spectral_norms(kernel: jax.Array, *, rescale: bool = False) -> jax.Array:
     """sigma_max of every output channel of a conv kernel.
 
     Args:
       kernel: ``[kh, kw, C_in, C_out]`` (flax layout; the PyTorch matrix ``W[k].reshape(C_in, kh*kw)``
         is the transpose of ``kernel[:, :, :, k].reshape(kh*kw, C_in)``, same singular values).
+      rescale: divide each channel by its largest absolute entry before the Gram product (and
+        multiply back after), which extends the exact range to any finite kernel; see the module
+        docstring for the cost.
 
     Returns:
       ``[C_out]`` float32, the largest singular value of each channel's ``C_in x kh*kw`` matrix.
     """
-    (be,) = _conv_norms([kernel])
+    (be,) = _matrix_norms([_channel_matrices(kernel)], rescale)
     return be
-
-
-def _conv_norms(kernels: Sequence[jax.Array]) -> list[jax.Array]:
-    grams, factors = [], []
-    for k in kernels:
-        kh, kw, cin, cout = k.shape
-        g, s = _scaled_gram(k.reshape(kh * kw, cin, cout))
-        grams.append(g)
-        factors.append(s)
-    lams = _max_eig_grouped(grams)
-    return [s * jnp.sqrt(jnp.maximum(lam, 0.0)) for s, lam in zip(factors, lams)]
 
 
 def backdoor_energy(
@@ -329,6 +353,7 @@ def backdoor_energy(
     layers: LayerSelection = "conv_bn",
     layout: EnergyLayout | None = None,
     bn_epsilon: float = BN_EPSILON,
+    rescale: bool = False,
 ) -> list[jax.Array]:
     """Backdoor energy of every scored layer of one model (mars_spec §1.2).
 
@@ -344,6 +369,8 @@ def backdoor_energy(
       layout: the layers to score (:func:`energy_layout`); default: found in ``variables``' own dict
         order (see the module docstring's caveat).
       bn_epsilon: BatchNorm variance epsilon (1e-5 in PyTorch and in our models).
+      rescale: see :func:`channel_spectral_norms` (off: kernels with entries beyond about
+        ``1e15`` give inf, below about ``1e-15`` lose accuracy).
 
     Returns:
       One float32 array per layer: ``[C_out]`` for a conv, ``[1]`` for a dense layer.
@@ -370,16 +397,9 @@ def backdoor_energy(
                 m = m * gain[None, :]
             dense_mats.append(m)
 
-    conv_sigma = _conv_norms(conv_kernels) if conv_kernels else []
-    dense_sigma = []
-    if dense_mats:
-        grams, factors = [], []
-        for m in dense_mats:
-            g, s = _scaled_gram(m[:, :, None])
-            grams.append(g)
-            factors.append(s)
-        lams = _max_eig_grouped(grams)
-        dense_sigma = [s * jnp.sqrt(jnp.maximum(lam, 0.0)) for s, lam in zip(factors, lams)]
+    mats = [_channel_matrices(k) for k in conv_kernels] + [m[None] for m in dense_mats]
+    sigmas = _matrix_norms(mats, rescale) if mats else []
+    conv_sigma, dense_sigma = sigmas[: len(conv_kernels)], sigmas[len(conv_kernels) :]
 
     out: list[jax.Array] = []
     ci = di = 0

@@ -87,21 +87,27 @@ def test_be_matches_numpy_svd(kh, kw, c_in, c_out):
 
 def test_be_ill_conditioned_and_extreme_scales():
     rng = np.random.default_rng(1)
-    c_in, c_out = 128, 6
+    c_in, c_out = 128, 8
     k = np.empty((3, 3, c_in, c_out))
     u, s = rng.standard_normal((9, 1)), rng.standard_normal((1, c_in))
     k[..., 0] = (u @ s).reshape(3, 3, c_in)  # exactly rank 1
     k[..., 1] = k[..., 0] + 1e-6 * rng.standard_normal((3, 3, c_in))  # nearly rank 1
     cols = np.logspace(-7, 0, 9).reshape(3, 3, 1)  # singular values over 7 decades
     k[..., 2] = rng.standard_normal((3, 3, c_in)) * cols
-    k[..., 3] = 1e-30 * rng.standard_normal((3, 3, c_in))  # squares would underflow float32
-    k[..., 4] = 1e30 * rng.standard_normal((3, 3, c_in))  # squares would overflow float32
+    k[..., 3] = 1e-12 * rng.standard_normal((3, 3, c_in))
+    k[..., 4] = 1e12 * rng.standard_normal((3, 3, c_in))
     k[..., 5] = 0.0
-    kernel = k.astype(np.float32)
-    got = np.asarray(channel_spectral_norms(jnp.asarray(kernel)))
-    want = ref_conv_be(kernel)
-    assert got[5] == 0.0
-    assert_rel(got[:5], want[:5])
+    k[..., 6] = 1e-30 * rng.standard_normal((3, 3, c_in))  # squares underflow float32
+    k[..., 7] = 1e30 * rng.standard_normal((3, 3, c_in))  # squares overflow float32
+    kernel = jnp.asarray(k.astype(np.float32))
+    want = ref_conv_be(np.asarray(kernel))
+    fast = np.asarray(jax.jit(channel_spectral_norms)(kernel))
+    assert fast[5] == 0.0
+    assert_rel(fast[:5], want[:5])
+    assert not np.isfinite(fast[7])  # beyond the fast range: NaN, never a wrong finite value
+    robust = np.asarray(jax.jit(lambda x: channel_spectral_norms(x, rescale=True))(kernel))
+    assert robust[5] == 0.0
+    assert_rel(robust[[0, 1, 2, 3, 4, 6, 7]], want[[0, 1, 2, 3, 4, 6, 7]])
 
 
 def test_be_is_vmappable_and_jittable():
