@@ -14,17 +14,19 @@ One round (mars_spec §1, Algorithm 1, the official ``defenses/mars.py``):
 5. aggregate the kept updates with the round's client weights.
 
 Hostile input. A row with ``client_weights == 0`` (dropped by the round) or with any non-finite
-entry is excluded before anything is computed from it: its CBE is replaced by zeros, it gets weight 0
-in the clustering (and its column of the W1 matrix is zeroed), and ``accepted = 0``. A finite update
-so large that its backdoor energy overflows float32 (1e30 entries do) is excluded the same way,
+entry is excluded before it can influence anyone: its CBE row (every client's energy is computed
+independently, so NaN stays in its own row) is replaced by zeros, it gets weight 0 in the
+clustering (its column of the W1 matrix is zeroed too), and ``accepted = 0``. A finite update so
+large that its backdoor energy overflows float32 (1e30 entries do) is excluded the same way,
 flagged by its non-finite CBE. With fewer than two valid clients, or when one cluster holds no
 valid client, every valid client is accepted. Everything is one jit-able function: no host
 callbacks, static shapes, ``jnp.where`` instead of branches.
 
 Deviations, all documented in mars_spec §6: the aggregation is the weighted mean of the accepted
 updates (the simulator's server rule applies the official ``eta/total * sum``); k-means uses JAX's
-random streams, not sklearn's (same algorithm); CBE keeps a fixed count per layer (identical unless
-values tie); a convolution without BatchNorm is scored unscaled.
+random streams, not sklearn's (same algorithm; like the official ``random_state=0`` it is reseeded
+with the same key every round unless ``seed=None``); CBE keeps a fixed count per layer (identical
+unless values tie); a convolution without BatchNorm is scored unscaled.
 """
 
 from __future__ import annotations
