@@ -249,6 +249,13 @@ def _check_float(field, value, lo=None, hi=None, lo_open=False, allow_none=False
         _fail(field, value, f"must be <= {hi}")
 
 
+def _check_str(field, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        _fail(field, value, "must be a non-empty string" + (" or None" if allow_none else ""))
+
+
 def _check_bool(field, value):
     if not isinstance(value, bool):
         _fail(field, value, "must be true or false")
@@ -263,6 +270,8 @@ def _check_options(field: str, factory, options: Mapping[str, Any]) -> None:
     allowed = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     allowed = [n for n in allowed if n != "ctx"]
     for k in options:
+        if not isinstance(k, str):
+            _fail(f"{field}[{k!r}]", options[k], "option names must be strings")
         if k not in allowed:
             hint = difflib.get_close_matches(k, allowed, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -279,7 +288,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"expected an ExperimentConfig, got {type(cfg).__name__}")
     d, m, t, a, df, r = cfg.data, cfg.model, cfg.train, cfg.attack, cfg.defense, cfg.run
 
+    _check_str("name", cfg.name)
     _check_choice("data.name", d.name, DATASETS)
+    _check_str("data.data_dir", d.data_dir, allow_none=True)
     _check_choice("data.source", d.source, ("auto", "idx", "tfds"))
     _check_int("data.num_clients", d.num_clients, lo=1)
     _check_choice("data.partition", d.partition, ("dirichlet", "iid"))
@@ -320,6 +331,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_bool("run.shard_clients", r.shard_clients)
     _check_int("run.eval_batch_size", r.eval_batch_size, lo=1)
     _check_int("run.checkpoint_every", r.checkpoint_every, lo=0)
+    _check_str("run.out_dir", r.out_dir, allow_none=True)
+    _check_str("run.init_checkpoint", r.init_checkpoint, allow_none=True)
+    if r.checkpoint_every and not r.out_dir:
+        _fail("run.checkpoint_every", r.checkpoint_every, "needs run.out_dir (where to save)")
 
     _check_choice("attack.name", a.name, tuple(attacks.REGISTRY))
     _check_int("attack.num_attackers", a.num_attackers, lo=0, hi=d.num_clients)
@@ -433,6 +448,9 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 
 def from_dict(d: Mapping[str, Any]) -> ExperimentConfig:
+    """Inverse of :func:`to_dict`; raises :class:`ConfigError` on unknown or malformed sections."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
     kinds = {
         "data": DataConfig,
         "model": ModelConfig,
@@ -444,6 +462,8 @@ def from_dict(d: Mapping[str, Any]) -> ExperimentConfig:
     kw = {}
     for k, v in d.items():
         if k in kinds:
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{k}: must be a mapping of fields, got {type(v).__name__}")
             names = {f.name for f in dataclasses.fields(kinds[k])}
             unknown = set(v) - names
             if unknown:

@@ -312,7 +312,12 @@ def build(
         else:
             attack_state = state.attack_state
 
-        finite = row_is_finite(updates)
+        # Drop uploads with non-finite entries, and finite ones so large that their float32
+        # squared norm overflows (e.g. 1e30 entries): no statistic can use them safely.
+        sq_norm = sum(
+            jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=1) for u in jax.tree.leaves(updates)
+        )
+        finite = row_is_finite(updates) & jnp.isfinite(sq_norm)
         if r.weighting == "num_samples":
             weights = counts.astype(jnp.float32)
         else:
