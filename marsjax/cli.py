@@ -3,6 +3,7 @@
     marsjax run CONFIG [--set section.field=value ...] [--defenses fedavg,mars] [--out DIR]
                        [--checkpoint-every K] [--keep-checkpoints N]
     marsjax run [CONFIG] --resume DIR [--set ...]
+    marsjax run CONFIG --distributed [--coordinator HOST:PORT --num-processes N --process-id I]
     marsjax validate CONFIG [--set ...] [--data] [--trace] [--resume DIR]
     marsjax presets
 
@@ -114,8 +115,32 @@ def _has_checkpoint(c: ExperimentConfig) -> bool:
     return bool(c.run.out_dir) and checkpoint.latest_round(c.run.out_dir) is not None
 
 
+def _start_distributed(args) -> None:
+    """``--distributed``: join the multi-process runtime before anything touches JAX."""
+    from marsjax import sharding
+
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    if jax.process_index() != 0:  # one process writes files and draws the progress bar
+        args.quiet = True
+        args.out = None
+
+
 def _cmd_run(args) -> int:
+    if args.distributed:
+        if args.checkpoint_every or args.resume:
+            raise ConfigError(
+                "--distributed with checkpoints is not supported yet (multi-process "
+                "checkpointing is untested); drop --checkpoint-every/--resume"
+            )
+        _start_distributed(args)
     cfg = _run_config(args)
+    if args.distributed:
+        import jax
+
+        if jax.process_index() != 0:
+            cfg = override(cfg, {"run.out_dir": None})
     names = [d for d in (args.defenses or "").split(",") if d] or [cfg.defense.name]
     cfgs = []
     for name in names:
@@ -302,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="keep the latest N checkpoints (default 2)",
     )
+    sp.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process run (jax.distributed): every process runs the same command; the "
+        "client axis spans all processes' devices. On TPU pods / SLURM / Open MPI the cluster is "
+        "detected; else give --coordinator, --num-processes and --process-id",
+    )
+    sp.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    sp.add_argument("--num-processes", type=_positive_int, metavar="N")
+    sp.add_argument("--process-id", type=int, metavar="I")
     sp.set_defaults(fn=_cmd_run)
 
     sp = sub.add_parser("validate", help="check a config without running it")
