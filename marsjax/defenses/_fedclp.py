@@ -36,6 +36,34 @@ __all__ = ["channel_lipschitz", "clp_masks", "conv_bn_pairs", "fedclp"]
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _channel_grams(kernel: jax.Array) -> jax.Array:
+    """``[C_out, m, m]`` Gram matrices of the per-channel ``(C_in, kh*kw)`` slices,
+    ``m = min(C_in, kh*kw)`` (same nonzero eigenvalues either way)."""
+    kh, kw, cin, cout = kernel.shape
+    m = jnp.transpose(kernel.reshape(kh * kw, cin, cout), (2, 1, 0))  # [C_out, C_in, kh*kw]
+    if cin <= kh * kw:
+        return jnp.einsum("cik,cjk->cij", m, m, precision=_HI)
+    return jnp.einsum("cik,cil->ckl", m, m, precision=_HI)
+
+
+def _largest_singular_values(grams: list[jax.Array]) -> list[jax.Array]:
+    """``sqrt(lambda_max)`` of every Gram matrix, all layers in ONE batched ``eigvalsh``.
+
+    The matrices are zero-padded to a common size (a PSD matrix padded with zeros keeps its largest
+    eigenvalue). One LAPACK call instead of one per layer: XLA:CPU was seen to hang on programs with
+    many independent LAPACK custom calls (jax 0.10, 2 threads).
+    """
+    size = max(g.shape[-1] for g in grams)
+    padded = [jnp.pad(g, ((0, 0), (0, size - g.shape[-1]), (0, size - g.shape[-1]))) for g in grams]
+    lam = jnp.linalg.eigvalsh(jnp.concatenate(padded, axis=0))[:, -1]
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    out, i = [], 0
+    for g in grams:
+        out.append(s[i : i + g.shape[0]])
+        i += g.shape[0]
+    return out
+
+
 def channel_lipschitz(kernel: jax.Array, gain: jax.Array | None = None) -> jax.Array:
     """``[C_out]`` largest singular value of each output channel's ``(C_in, kh*kw)`` kernel slice.
 
@@ -43,13 +71,7 @@ def channel_lipschitz(kernel: jax.Array, gain: jax.Array | None = None) -> jax.A
       kernel: ``[kh, kw, C_in, C_out]`` (flax layout).
       gain: optional ``[C_out]`` factor (the BN gain ``|gamma / sigma|``).
     """
-    kh, kw, cin, cout = kernel.shape
-    m = jnp.transpose(kernel.reshape(kh * kw, cin, cout), (2, 1, 0))  # [C_out, C_in, kh*kw]
-    if cin <= kh * kw:
-        g = jnp.einsum("cik,cjk->cij", m, m, precision=_HI)
-    else:
-        g = jnp.einsum("cik,cil->ckl", m, m, precision=_HI)
-    s = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(g)[:, -1], 0.0))
+    s = _largest_singular_values([_channel_grams(kernel)])[0]
     return s if gain is None else s * jnp.abs(gain)
 
 
@@ -105,9 +127,12 @@ def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     pairs, lone = conv_bn_pairs(params)
+    paths = [c for c, _ in pairs] + list(lone)
+    if not paths:
+        return {}, {}
+    sigmas = _largest_singular_values([_channel_grams(_get(params, c)["kernel"]) for c in paths])
     bn_masks, conv_masks = {}, {}
-    for cpath, bpath in pairs:
-        kernel = _get(params, cpath)["kernel"]
+    for (_, bpath), sig in zip(pairs, sigmas):
         gamma = _get(params, bpath)["scale"]
         try:
             var = _get(stats, bpath)["var"]
@@ -115,9 +140,9 @@ def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
             var = jnp.ones_like(gamma)
         var = jnp.where(jnp.isnan(var) | (var < 0), 0.0, var)
         gain = gamma / jnp.sqrt(var + eps)
-        bn_masks[bpath] = _outlier_mask(channel_lipschitz(kernel, gain), u)
-    for cpath in lone:
-        conv_masks[cpath] = _outlier_mask(channel_lipschitz(_get(params, cpath)["kernel"]), u)
+        bn_masks[bpath] = _outlier_mask(sig * jnp.abs(gain), u)
+    for cpath, sig in zip(lone, sigmas[len(pairs) :]):
+        conv_masks[cpath] = _outlier_mask(sig, u)
     return bn_masks, conv_masks
 
 
@@ -161,9 +186,8 @@ def fedclp(u: float = 3.0) -> Defense:
                         continue
                     d, g = cnode[leaf], gnode[leaf]
                     m = mask.reshape((mask.shape[0],) + (1,) * (d.ndim - 2) + (mask.shape[1],))
-                    ww = w.reshape((-1,) + (1,) * (d.ndim - 1))
                     rows = jnp.where(m, -g[None].astype(d.dtype), d)
-                    agg = jnp.sum(jnp.where(ww != 0, ww * rows, 0.0), axis=0) * inv
+                    agg = jnp.tensordot(w.astype(d.dtype), rows, axes=(0, 0), precision=_HI) * inv
                     _set(update["params"], (*path, leaf), agg.astype(d.dtype))
                 pruned = pruned + jnp.sum(mask, axis=1)
                 channels += mask.shape[1]

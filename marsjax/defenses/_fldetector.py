@@ -236,9 +236,8 @@ def fldetector(
         update = masked_weighted_mean(clean, w * accepted)
 
         # --- memory for the next round
-        gbar = jnp.sum(jnp.where(accepted[:, None], g * w[:, None], 0.0), axis=0) / jnp.maximum(
-            jnp.sum(w * accepted), 1e-30
-        )
+        wa = w * accepted
+        gbar = jnp.dot(wa, g, precision=_HI) / jnp.maximum(jnp.sum(wa), 1e-30)
         push = (t >= 1) & jnp.any(accepted)
         oldest = jnp.argmin(jnp.where(state.pair_round < 0, -(2**30), state.pair_round))
         s_buf = jnp.where(push, state.s.at[oldest].set(v_now), state.s)

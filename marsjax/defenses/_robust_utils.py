@@ -274,13 +274,17 @@ def scale_params_rows(updates: Updates, factors: jax.Array) -> Updates:
 
 
 def masked_weighted_mean(updates: Updates, weights: jax.Array) -> PyTree:
-    """``sum_i w_i u_i / sum_i w_i`` (0 if all weights vanish); rows with ``w_i == 0`` never enter."""
+    """``sum_i w_i u_i / sum_i w_i`` (0 if all weights vanish), as one ``tensordot`` per leaf.
+
+    The rows must be finite (:func:`prepare` zeroes the invalid ones): a row with ``w_i == 0``
+    then contributes exactly 0. (``jnp.where`` inside the reduction runs ~50x slower on XLA:CPU.)
+    """
     total = jnp.sum(weights)
     inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
 
     def f(u):
-        w = weights.astype(u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
-        return jnp.sum(jnp.where(w != 0, w * u, 0), axis=0) * inv.astype(u.dtype)
+        s = jnp.tensordot(weights.astype(u.dtype), u, axes=(0, 0), precision=_HI)
+        return s * inv.astype(u.dtype)
 
     return jax.tree.map(f, updates)
 
