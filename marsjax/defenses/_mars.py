@@ -31,6 +31,7 @@ unless values tie); a convolution without BatchNorm is scored unscaled.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -302,11 +303,11 @@ def mars(
         client_ids: jax.Array | None = None,
     ) -> tuple[DefenseResult, MarsState]:
         del client_ids  # MARS keeps no per-client history
-        lay = layout if layout is not None else energy_layout(global_variables, layers=layers)
-        if not lay:
-            raise ValueError(
-                "MARS found no convolution to score in the model (layers="
-                f"{layers!r}); use layers='all' for a network without convolutions"
+        lay = layout
+        if lay is None:
+            lay = _with_dense_fallback(
+                energy_layout(global_variables, layers=layers),
+                lambda: energy_layout(global_variables, layers="all", warn=False),
             )
         client_weights = client_weights.astype(jnp.float32)
 
@@ -337,6 +338,21 @@ def mars(
     return Defense(init=init, apply=apply)
 
 
+def _with_dense_fallback(layout: EnergyLayout, all_layers: Any) -> EnergyLayout:
+    """``layout``, or, for a network without convolutions, its dense layers (with a warning)."""
+    if layout:
+        return layout
+    layout = all_layers()
+    if not layout:
+        raise ValueError("MARS found no convolution or dense layer to score in the model")
+    warnings.warn(
+        "MARS: the model has no convolution; scoring its dense layers instead (layers='all', one "
+        "spectral norm per layer)",
+        stacklevel=3,
+    )
+    return layout
+
+
 def _build(
     ctx: DefenseContext,
     kappa: float = 0.05,
@@ -359,7 +375,10 @@ def _build(
     layout = None
     if ctx.model is not None:
         x = jax.ShapeDtypeStruct((1, *ctx.image_shape), jnp.float32)
-        layout = model_energy_layout(ctx.model, x, layers=layers)
+        layout = _with_dense_fallback(
+            model_energy_layout(ctx.model, x, layers=layers),
+            lambda: model_energy_layout(ctx.model, x, layers="all"),
+        )
     return mars(
         kappa,
         epsilon,

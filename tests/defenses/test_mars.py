@@ -17,6 +17,7 @@ from marsjax.defenses.base import DefenseContext
 N = 20
 NUM_ATTACKERS = 4
 IMAGE_SHAPE = (8, 8, 3)
+KEY0 = jax.random.key(0)
 
 
 class TinyNet(nn.Module):
@@ -208,3 +209,29 @@ def test_factory_validation_and_layout():
     x = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
     layout = model_energy_layout(TinyNet(), x)
     assert [(l.path, l.norm) for l in layout] == [((f"conv{i}",), (f"bn{i}",)) for i in range(3)]
+
+
+def test_network_without_convolutions_falls_back_to_dense_layers():
+    from marsjax.models import MLP
+
+    ctx = CTX._replace(model=MLP(10, (16,)))
+    with pytest.warns(UserWarning, match="no convolution"):
+        defense = _build(ctx)
+    x = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
+    g = jax.tree.map(
+        lambda s: jnp.full(s.shape, 0.1, jnp.float32), jax.eval_shape(ctx.model.init, KEY0, x)
+    )
+    rng = np.random.default_rng(5)
+    updates = jax.tree.map(
+        lambda a: jnp.asarray(1e-3 * rng.standard_normal((N, *a.shape)), jnp.float32), g
+    )
+    k = updates["params"]["fc1"]["kernel"]
+    updates["params"]["fc1"]["kernel"] = k.at[:NUM_ATTACKERS].add(2.0)  # far larger spectral norm
+    r, _ = jax.jit(
+        lambda u: defense.apply(
+            KEY0, u, defense.init(g), global_variables=g, client_weights=jnp.ones(N)
+        )
+    )(updates)
+    np.testing.assert_array_equal(
+        r.accepted, np.r_[np.zeros(NUM_ATTACKERS), np.ones(N - NUM_ATTACKERS)]
+    )
