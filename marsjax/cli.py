@@ -6,7 +6,11 @@
     marsjax run CONFIG --distributed [--coordinator HOST:PORT --num-processes N --process-id I]
     marsjax validate CONFIG [--set ...] [--data] [--trace] [--resume DIR]
     marsjax presets
+    marsjax sweep SWEEP.py [--only AXIS=LABEL ...] [--set ...] [--list]
+    marsjax pretrain CONFIG [--out DIR] [--target-acc ACC]
+    marsjax plot RESULTS_DIR
 
+``sweep``, ``pretrain`` and ``plot`` are described in :mod:`marsjax.cli_experiments`.
 ``CONFIG`` is a preset name (``marsjax presets``) or a Python file defining ``get_config()``.
 
 Checkpoints (``marsjax.checkpoint``): with ``run.checkpoint_every = K`` (``--checkpoint-every K``)
@@ -356,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("presets", help="list the named presets")
     sp.set_defaults(fn=_cmd_presets)
+
+    from marsjax import cli_experiments  # sweep, pretrain, plot
+
+    cli_experiments.add_subcommands(sub)
     return p
 
 

@@ -33,11 +33,14 @@ recorded in its ``error.txt`` and the sweep goes on.
 **Running variants together.** With ``batch_axis`` set, the points that differ only along that
 axis run as ONE compiled program: the round is ``vmap``-ed over their states (e.g. MARS's
 ``MarsState.epsilon``), sharing the round counter, the sampled clients and (when equal) the root
-key, so the client ids and the attack's branch are computed once. This is only done when it is
-exact: the variants' datasets and partitions must be equal and their traced rounds identical
-(same jaxpr, same constants), i.e. the axis changes only values held in the state; otherwise
-the points run one by one (and the log says why). A batched group has no checkpoints: if it is
-interrupted, it reruns.
+key, so the client ids and the attack's branch are computed once. This is only done when the
+variants are the same computation on different values: their datasets and partitions must be
+equal and their traced rounds identical (same jaxpr, same constants), i.e. the axis changes only
+values held in the state; otherwise the points run one by one (and the log says why). The
+results equal separate runs to float tolerance, as runs on another number of devices do (XLA
+may batch the convolutions differently under ``vmap``); a discrete choice that hinges on a near
+tie (3DFed's indicator positions, a k-means split) can then go the other way, as with another
+seed. A batched group has no checkpoints: if it is interrupted, it reruns.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class Sweep:
       defense_options: defense name -> its ``defense.options`` when ``defense.name`` is chosen.
       no_detection: defenses without detection decisions (the paper's FedCLP): their TPR/FPR are
         not reported and CAD is ``(ACC + 100 - ASR) / 2``.
-      batch_axis: run the points along this axis together in one program (when exact).
+      batch_axis: run the points along this axis together in one program (when they are the
+        same program on different state values).
       pretrain: pretrain the clean start first (if missing) and start every run from it.
       checkpoint_every: checkpoint every run every this many rounds (0: never).
       description: free text for ``table.md``.

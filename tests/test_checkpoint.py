@@ -238,7 +238,7 @@ def test_every_round_saved_and_resume_from_each_is_bitwise(finished, tmp_path):
         assert int(state.round) == start and len(records) == start
         assert _strip(records) == _strip(finished["records"][:start])
         res = simulation.run(
-            override(cfg, {"run.out_dir": None}),
+            override(cfg, {"run.out_dir": None, "run.checkpoint_every": 0}),
             sim=sim,
             state=state,
             records=records,
@@ -376,7 +376,11 @@ def test_load_variables_for_init_checkpoint(finished, tmp_path, digits):
     _assert_trees_equal(got, state.global_variables)
     # a model of another shape is refused, naming the leaves
     wide = simulation.build(
-        override(finished["cfg"], {"model.batch_norm": False, "run.out_dir": None}), digits
+        override(
+            finished["cfg"],
+            {"model.batch_norm": False, "run.out_dir": None, "run.checkpoint_every": 0},
+        ),
+        digits,
     )
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint|not expected"):
         checkpoint.load_variables(finished["out"], like=wide.init_state().global_variables)
@@ -388,6 +392,7 @@ def test_load_variables_for_init_checkpoint(finished, tmp_path, digits):
         {
             "run.init_checkpoint": str(finished["out"]),
             "run.out_dir": None,
+            "run.checkpoint_every": 0,
             "attack.name": "none",
             "attack.options": {},
         },

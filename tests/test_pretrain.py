@@ -34,6 +34,7 @@ def test_clean_config_drops_attack_and_defense():
     assert c.data == _cfg().data and c.train == _cfg().train
 
 
+@pytest.mark.slow
 def test_pretrain_stops_at_target_and_attack_runs_start_from_it(tmp_path, digits):
     out = tmp_path / "pre"
     # Far-off target: trains max_rounds; evaluations every round give the accuracy curve.

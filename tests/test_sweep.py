@@ -94,6 +94,7 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_by_two_sweep_end_to_end(tmp_path, digits):
     sw = _grid(tmp_path)
     res = sweep_lib.run_sweep(sw, dataset=digits, log=lambda s: None)
@@ -147,6 +148,14 @@ def test_two_by_two_sweep_end_to_end(tmp_path, digits):
     mk = next(r for r in rows if r["id"] == "badnets__multikrum__s0")
     assert float(mk["tpr"]) + float(mk["fpr"]) > 0
 
+    # `marsjax plot DIR` rebuilds the tables and plots from the run folders alone
+    from marsjax import cli
+
+    (out / "table.md").unlink()
+    (out / "heatmap_cad.png").unlink()
+    assert cli.main(["plot", str(out)]) == 0
+    assert (out / "table.md").read_text() == table_md and (out / "heatmap_cad.png").exists()
+
     # Resume: a rerun runs nothing; a changed config is refused unless redo_changed
     again = sweep_lib.run_sweep(sw, dataset=digits, log=lambda s: None)
     assert again.ran == [] and len(again.skipped) == 4
@@ -163,6 +172,7 @@ def test_two_by_two_sweep_end_to_end(tmp_path, digits):
     assert len(_metrics(out / "runs" / "none__fedclp__s0" / "metrics.jsonl")) == 2  # not appended
 
 
+@pytest.mark.slow
 def test_batched_epsilon_runs_equal_separate_runs(tmp_path, digits):
     """The epsilon axis runs as one vmapped program, with the results of separate runs."""
     base = override(
