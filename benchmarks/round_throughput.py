@@ -7,12 +7,18 @@ client (SGD lr 0.1, momentum 0.9, wd 5e-4, batch 64, 2 local epochs), the attack
 defense and the aggregation. Compile time and steady state are measured separately (one warm-up
 round, then the median of ``--repeats`` rounds, each ending in ``block_until_ready``). The
 PyTorch reference (``benchmarks/baselines/torch_fl.py``: deepcopy per client, SGD, shuffled
-mini-batches, the official code's structure) runs in the same process on the same device.
+mini-batches, the official code's structure) runs in the same process on the same device, and so
+does the JAX per-client loop (``--jax-loop``: one ``jit``-ed single-client local training, called
+once per client from Python, then the mean; what a direct port of the PyTorch loop does).
+``--peak`` times a 2048^3 float32 ``jnp.matmul`` (the machine's dense peak for JAX) and adds, for
+SimpleNet, ``flops_per_s`` (training FLOPs: 2 x multiply-adds of every layer, forward + backward)
+and ``frac_peak``.
 
 One JSON line per case goes to stdout and to ``--out`` (default
 ``benchmarks/results/round_throughput_<backend>.jsonl``)::
 
-    python -m benchmarks.round_throughput --cases simplenet:100,simplenet:500 --torch
+    python -m benchmarks.round_throughput --cases simplenet:100,simplenet:500 \
+        --torch simplenet:100 --jax-loop simplenet:100 --peak
 
 Fields: case, model, clients, samples_per_client, strategy, chunk, conv_impl, defense, backend,
 device_kind, jax_version, round_s, compile_s, clients_per_s, samples_per_s (samples x epochs
@@ -176,6 +182,86 @@ def bench_jax(
     }
 
 
+def bench_jax_loop(model, clients, per_client, repeats=2) -> dict:
+    """A Python loop over the clients of one ``jit``-ed single-client local training."""
+    from marsjax.client import ClientData, make_local_train, make_normalize
+    from marsjax.models import build_model
+
+    cfg, ds = config(model, clients, per_client, "fedavg", "map", None, "auto")
+    net = build_model(
+        cfg.model.name,
+        ds.num_classes,
+        batch_norm=cfg.model.batch_norm,
+        conv_impl=cfg.model.conv_impl,
+        stem=cfg.model.stem,
+    )
+    t = cfg.train
+    train = jax.jit(
+        make_local_train(
+            net,
+            make_normalize(ds.mean, ds.std),
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            batch_size=t.batch_size,
+            epochs=t.local_epochs,
+        )
+    )
+    idx = np.arange(clients * per_client, dtype=np.int32).reshape(clients, per_client)
+    data = ClientData(
+        jax.device_put(ds.x_train),
+        jax.device_put(ds.y_train),
+        jax.device_put(idx),
+        jax.device_put(np.full(clients, per_client, np.int32)),
+    )
+    g = net.init(jax.random.key(0), jax.numpy.zeros((1, *ds.image_shape)), train=False)
+    g = dict(g)
+    mean = jax.jit(lambda vs: jax.tree.map(lambda *x: sum(x) / len(x), *vs))
+
+    def one_round(g):
+        out = [
+            train(g, jax.random.key(c), data, data.indices[c], data.counts[c])[0]
+            for c in range(clients)
+        ]
+        return mean(out)
+
+    t0 = time.perf_counter()
+    g = jax.block_until_ready(one_round(g))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        g = jax.block_until_ready(one_round(g))
+        times.append(time.perf_counter() - t0)
+    r = float(np.median(times))
+    return {
+        "impl": "jax_per_client_loop",
+        "round_s": r,
+        "round_s_all": times,
+        "compile_s": max(first - r, 0.0),
+        "clients_per_s": clients / r,
+        "samples_per_s": clients * per_client * t.local_epochs / r,
+    }
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict:
+    """JAX's float32 dense matmul rate on this device (median and best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+    f = jax.jit(jax.numpy.matmul)
+    f(a, a).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    flops = 2.0 * n**3
+    return {
+        "peak_gflops": flops / float(np.median(ts)) / 1e9,
+        "peak_gflops_max": flops / min(ts) / 1e9,
+        "n": n,
+    }
+
+
 def bench_torch(model, clients, per_client, repeats=2) -> dict:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from benchmarks.baselines import torch_fl
@@ -209,6 +295,12 @@ def main(argv=None) -> int:
         default="",
         help="model:clients[:per_client],... PyTorch loop cases on the same device",
     )
+    p.add_argument(
+        "--jax-loop",
+        default="",
+        help="model:clients[:per_client],... JAX per-client jit loop cases",
+    )
+    p.add_argument("--peak", action="store_true", help="time JAX's dense matmul peak first")
     p.add_argument("--out", default=None)
     p.add_argument("--deadline-s", type=float, default=0, help="skip cases after this many s")
     args = p.parse_args(argv)
@@ -248,9 +340,14 @@ def main(argv=None) -> int:
                 f[6] or "fedavg",
             )
         )
-    for c in [c for c in args.torch.split(",") if c]:
-        f = c.split(":") + [""] * 2
-        jobs.append(("torch", f[0], int(f[1]), int(f[2] or args.per_client)))
+    for kind, spec in (("torch", args.torch), ("jaxloop", args.jax_loop)):
+        for c in [c for c in spec.split(",") if c]:
+            f = c.split(":") + [""] * 2
+            jobs.append((kind, f[0], int(f[1]), int(f[2] or args.per_client)))
+    peak = None
+    if args.peak:
+        peak = matmul_peak_gflops()
+        emit({"case": "matmul_peak_2048", **peak})
     for job in jobs:
         if args.deadline_s and time.perf_counter() - start > args.deadline_s:
             emit({"case": ":".join(map(str, job[1:])), "skipped": "deadline"})
@@ -277,8 +374,17 @@ def main(argv=None) -> int:
                     conv_impl=conv,
                     repeats=args.repeats,
                 )
+            elif kind == "jaxloop":
+                r = bench_jax_loop(model, clients, per_client, repeats=max(1, args.repeats - 1))
             else:
                 r = bench_torch(model, clients, per_client, repeats=max(1, args.repeats - 1))
+            if model.startswith("simplenet") and "samples_per_s" in r:
+                from benchmarks.conv_impl import simplenet_flops_per_sample
+
+                r["flops_per_sample"] = simplenet_flops_per_sample()
+                r["flops_per_s"] = r["flops_per_sample"] * r["samples_per_s"]
+                if peak is not None:
+                    r["frac_peak"] = r["flops_per_s"] / 1e9 / peak["peak_gflops"]
             emit({**case, **r})
         except Exception as e:  # a case that does not fit must not lose the others
             emit({**case, "error": f"{type(e).__name__}: {str(e)[:500]}"})
