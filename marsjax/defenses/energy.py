@@ -57,9 +57,10 @@ non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client)
 about ``1e-15`` lose accuracy. ``rescale=True`` divides each channel by its largest entry first
 (exact for any finite kernel, about 1.6x the cost).
 
-Two jaxlib 0.10.2 CPU problems met on the way, worth knowing elsewhere: (1) inside one jitted
-program, 19 or more independent batched ``eigvalsh`` calls hung in XLA's thread pool (hence one
-call per Gram size); (2) ``jnp.linalg.svd`` of an operand produced by a reshape/transpose inside the
+Two jaxlib 0.10.2 CPU problems met on the way, worth knowing elsewhere: (1) independent batched
+``eigvalsh`` calls inside one jitted program can deadlock XLA's intra-op thread pool (each LAPACK
+kernel blocks a pool thread while waiting for its own parts; see ``_max_eig_grouped``), hence one
+call per Gram size and the calls chained by a data dependency; (2) ``jnp.linalg.svd`` of an operand produced by a reshape/transpose inside the
 same jit (e.g. ``svd(k.reshape(-1, c).T.reshape(c, 9, -1))`` with ``k`` a jit argument of shape
 ``[3, 3, 16, 16]`` or larger) returned wrong singular values (relative errors from 1 to 1e29);
 the Gram path feeds ``eigvalsh`` a freshly computed symmetric matrix and is checked end to end
@@ -271,20 +272,41 @@ def _bn_gain(scale: jax.Array, var: jax.Array, eps: float) -> jax.Array:
 
 
 def _max_eig_grouped(grams: list[jax.Array]) -> list[jax.Array]:
-    """``lambda_max`` of each ``[..., d, d]`` PSD batch, one ``eigvalsh`` call per distinct ``d``."""
+    """``lambda_max`` of each ``[..., d, d]`` PSD batch, one ``eigvalsh`` call per distinct ``d``.
+
+    The calls run one after the other, the largest batch first: each later call's operand takes
+    a data dependency on the previous call's result (a ``where`` between the operand and its
+    transpose, which ``eigvalsh`` treats alike, keyed on the previous result, so the compiler
+    cannot fold it away; ``lax.optimization_barrier`` is not enough, XLA:CPU drops it before its
+    thunk executor runs independent ops concurrently). On XLA:CPU the LAPACK kernel of a large
+    batched ``eigvalsh`` splits the batch over the intra-op thread pool and blocks its own pool
+    thread until the parts finish; two such calls running at once on a 2-thread pool each hold a
+    thread and wait for parts that no thread is left to run. Seen with jaxlib 0.10.2: MARS on
+    ResNet-18 with 40 clients (a 3x3 and a 9x9 Gram group) hung with both pool threads in
+    ``EigenvalueDecompositionSymmetric::Kernel``; ``tests/defenses/test_energy.py`` runs that case
+    in a subprocess with a timeout.
+    """
     out: list[jax.Array | None] = [None] * len(grams)
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(grams):
         by_size.setdefault(g.shape[-1], []).append(i)
-    for d, idx in by_size.items():
-        if d == 1:
-            for i in idx:
-                out[i] = grams[i][..., 0, 0]
-            continue
+    for i in by_size.pop(1, []):
+        out[i] = grams[i][..., 0, 0]
+    order = sorted(by_size, key=lambda d: -sum(grams[i].size for i in by_size[d]))
+    previous = None
+    for d in order:
+        idx = by_size[d]
         flat = [grams[i].reshape((-1, d, d)) for i in idx]
         sizes = [f.shape[0] for f in flat]
-        lam = jnp.linalg.eigvalsh(jnp.concatenate(flat, axis=0) if len(flat) > 1 else flat[0])
-        lam = lam[:, -1]
+        operand = jnp.concatenate(flat, axis=0) if len(flat) > 1 else flat[0]
+        if previous is not None:  # serialise the LAPACK calls (see above)
+            # ``eigvalsh`` symmetrises its input, ``(x + x^T) / 2``, so both branches give the
+            # same bits whatever ``previous`` holds; only the dependency matters. (A branch that
+            # is the same expression, e.g. ``operand * 1``, gets folded away with the dependency.)
+            flip = jnp.isnan(jnp.sum(previous))
+            operand = jnp.where(flip, jnp.swapaxes(operand, -1, -2), operand)
+        lam = jnp.linalg.eigvalsh(operand)[:, -1]
+        previous = lam
         start = 0
         for i, n in zip(idx, sizes):
             out[i] = lam[start : start + n].reshape(grams[i].shape[:-2])

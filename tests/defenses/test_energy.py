@@ -278,3 +278,62 @@ def test_cbe_ties_keep_lowest_channel_indices():
     out = concentrated_backdoor_energy([jnp.asarray(v)])
     np.testing.assert_array_equal(out, [3.0, 9.0, 3.0, 3.0])
     assert len(torch_cbe_layer(v, 0.05)) == 6
+
+
+# ----------------------------------------------------------------------------- LAPACK calls in order
+def test_grouped_eigenvalues_match_numpy_with_a_nan_in_the_other_group():
+    # Gram groups of three sizes; the later calls take a dependency on the earlier results (the
+    # where between the operand and its transpose), which must not change any value, also when an
+    # earlier group holds a NaN.
+    from marsjax.defenses.energy import _max_eig_grouped
+
+    rng = np.random.default_rng(11)
+    mats = [
+        rng.standard_normal((n, d, d + 2)).astype(np.float32) for n, d in ((300, 9), (7, 3), (5, 4))
+    ]
+    grams = [m @ m.transpose(0, 2, 1) for m in mats]
+    grams[0][17, 2, 5] = grams[0][17, 5, 2] = np.nan
+    got = jax.jit(lambda *g: _max_eig_grouped(list(g)))(*[jnp.asarray(g) for g in grams])
+    for g, lam in zip(grams, got):
+        want = np.linalg.eigvalsh(np.nan_to_num(g.astype(np.float64), nan=0.0))[:, -1]
+        ok = ~np.isnan(g).any(axis=(1, 2))
+        np.testing.assert_allclose(np.asarray(lam)[ok], want[ok], rtol=2e-5)
+    assert np.isnan(np.asarray(got[0])[17])
+
+
+_MARS_RESNET18_40_CLIENTS = """
+import jax, jax.numpy as jnp
+from marsjax.defenses import mars
+from marsjax.defenses.energy import energy_layout, module_call_order
+from marsjax.models import ResNet18
+n = 40
+x = jnp.zeros((1, 32, 32, 3))
+model = ResNet18(num_classes=10)
+v = model.init(jax.random.key(0), x, train=False)
+lay = energy_layout(v, module_order=module_call_order(model, x, train=False))
+scale = jnp.where(jnp.arange(n) < 8, 0.05, 0.01)
+upd = jax.tree.map(lambda a: jnp.ones((n, *a.shape), a.dtype) * scale.reshape((-1,) + (1,) * a.ndim), v)
+d = mars(layout=lay)
+res, _ = jax.jit(d.apply)(
+    jax.random.key(0), upd, d.init(v), global_variables=v, client_weights=jnp.ones((n,))
+)
+print("ACCEPTED", "".join(str(int(a)) for a in res.accepted))
+"""
+
+
+def test_mars_resnet18_40_clients_does_not_deadlock_the_cpu_thread_pool():
+    # Regression: with the 3x3 (stem) and 9x9 Gram groups' eigvalsh calls free to run at once,
+    # this program hung for good on a 2-core CPU (both XLA pool threads blocked inside the LAPACK
+    # kernel, waiting for their own parts). About 20 s and 5.5 GB when it works.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _MARS_RESNET18_40_CLIENTS],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ACCEPTED " + "0" * 8 + "1" * 32 in proc.stdout
