@@ -60,8 +60,9 @@ about ``1e-15`` lose accuracy. ``rescale=True`` divides each channel by its larg
 Two jaxlib 0.10.2 CPU problems met on the way, worth knowing elsewhere: (1) independent batched
 ``eigvalsh`` calls inside one jitted program can deadlock XLA's intra-op thread pool (each LAPACK
 kernel blocks a pool thread while waiting for its own parts; see ``_max_eig_grouped``), hence one
-call per Gram size and the calls chained by a data dependency; (2) ``jnp.linalg.svd`` of an operand produced by a reshape/transpose inside the
-same jit (e.g. ``svd(k.reshape(-1, c).T.reshape(c, 9, -1))`` with ``k`` a jit argument of shape
+call per Gram size and the calls chained by a data dependency; (2) ``jnp.linalg.svd`` of an
+operand produced by a reshape/transpose inside the same jit (e.g.
+``svd(k.reshape(-1, c).T.reshape(c, 9, -1))`` with ``k`` a jit argument of shape
 ``[3, 3, 16, 16]`` or larger) returned wrong singular values (relative errors from 1 to 1e29);
 the Gram path feeds ``eigvalsh`` a freshly computed symmetric matrix and is checked end to end
 against numpy in the tests.

@@ -280,7 +280,7 @@ def test_cbe_ties_keep_lowest_channel_indices():
     assert len(torch_cbe_layer(v, 0.05)) == 6
 
 
-# ----------------------------------------------------------------------------- LAPACK calls in order
+# ----------------------------------------------------------------------- LAPACK calls in order
 def test_grouped_eigenvalues_match_numpy_with_a_nan_in_the_other_group():
     # Gram groups of three sizes; the later calls take a dependency on the earlier results (the
     # where between the operand and its transpose), which must not change any value, also when an
@@ -312,7 +312,9 @@ model = ResNet18(num_classes=10)
 v = model.init(jax.random.key(0), x, train=False)
 lay = energy_layout(v, module_order=module_call_order(model, x, train=False))
 scale = jnp.where(jnp.arange(n) < 8, 0.05, 0.01)
-upd = jax.tree.map(lambda a: jnp.ones((n, *a.shape), a.dtype) * scale.reshape((-1,) + (1,) * a.ndim), v)
+upd = jax.tree.map(
+    lambda a: jnp.ones((n, *a.shape), a.dtype) * scale.reshape((-1,) + (1,) * a.ndim), v
+)
 d = mars(layout=lay)
 res, _ = jax.jit(d.apply)(
     jax.random.key(0), upd, d.init(v), global_variables=v, client_weights=jnp.ones((n,))
