@@ -40,6 +40,14 @@ pessimistic), jax 0.10.2, torch 2.13 CPU, 2026-11-26; the table is copied from
     500      100        169.0            330.5              1.96x    yes           yes
     1000     200        252.7            559.5              2.21x    yes           yes
 
+Rerun on 2026-11-27 on the same machine otherwise idle, after the eigvalsh ordering fix of
+``marsjax/defenses/energy.py`` (two concurrent LAPACK calls had deadlocked XLA:CPU's thread pool
+from 40 ResNet-18 clients on), ``--clients 20,100``: 1.33 s vs 3.04 s (2.29x) and 7.30 s vs
+15.06 s (2.06x), same flagged clients.
+
+On one H200 (``benchmarks/run_gpu.sh``, ``benchmarks/results/mars_cost_gpu.jsonl``): 100 clients
+in 0.019 s per round (CBE 0.018 s), the reference on one host CPU thread 54 s (extrapolated).
+
 Nearly all of both sides is the per-channel spectral norms (CBE); Wasserstein + k-means cost
 marsjax 0.3 s at 1000 clients against the reference's 27.9 s (scipy double loop + sklearn).
 
