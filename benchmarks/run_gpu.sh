@@ -43,12 +43,13 @@ stage 110 "$PY" -m benchmarks.round_throughput --repeats 3 \
   --cases simplenet:1000,simplenet:1000:600:map:250 --out "$RT"
 
 sweep() {
-  "$PY" -m marsjax sweep experiments/configs/table2_fmnist_gpu.py --set "data.data_dir=$FMNIST_DIR" \
-    --only defense.name=mars,fedavg "$@"
+  "$PY" -m marsjax sweep experiments/configs/table2_fmnist_gpu.py \
+    --set "data.data_dir=$FMNIST_DIR" --only defense.name=mars,fedavg "$@"
 }
 stage "${SWEEP_S:-180}" bash -c "$(declare -f sweep); PY=$PY FMNIST_DIR=$FMNIST_DIR; \
   sweep --only attack.name=3dfed && sweep"
-tar czf "$OUT/table2_fmnist_gpu.tgz" --exclude=checkpoints experiments/results/fmnist_gpu 2>/dev/null
+tar czf "$OUT/table2_fmnist_gpu.tgz" --exclude=checkpoints experiments/results/fmnist_gpu \
+  2>/dev/null
 
 stage 120 "$PY" -m benchmarks.round_throughput --repeats 2 --torch resnet18:20:64 \
   --cases resnet18:100:64 --out "$RT"
