@@ -28,8 +28,11 @@ Differences from the official code and choices where it is silent:
   the spec's shared-model rule (§6.12) applies to those two attacks only.
 * The fine-tuning step is a plain gradient step (not its sign); the model is in inference mode
   and the whole batch is stamped with the whole trigger.
-* Poisoned training starts from the global model; the cosine regulariser is taken between updates
-  (``θ - θ_G``) and parameters only.
+* Poisoned training starts from the global model by default; the spec reads "trains a normal
+  model (2 epochs) and then 15 poison epochs", which may mean continuing from the normal model:
+  ``start="normal"`` does that (parameters and BatchNorm statistics of ``θ_normal``; the upload is
+  still ``θ - θ_G``). The cosine regulariser is taken between updates (``θ - θ_G``) and
+  parameters only.
 * On images narrower than 15 pixels (8x8 digits) the pieces are scaled down: rows 0 and 4,
   columns ``0..L-1`` and ``L+1..2L`` with ``L = (W - 2) // 2``.
 * No update scaling (``scale`` = 1).
@@ -115,6 +118,7 @@ def cerp(
     cos_coef: float = 0.001,
     distributed: bool = True,
     scale: float = 1.0,
+    start: str = "global",
 ) -> Attack:
     """CerP: a fine-tuned distributed trigger and per-attacker regularised poisoned training.
 
@@ -134,6 +138,8 @@ def cerp(
       cos_coef: weight of the cosine sum (0.001).
       distributed: each attacker stamps its own piece (else the whole trigger).
       scale: multiplies the uploaded updates (1).
+      start: where poisoned training starts: ``"global"`` (``θ_G``) or ``"normal"`` (the
+        attacker's normally trained model ``θ_normal``, BatchNorm statistics included).
     """
     check_common(lr, poison_epochs, poison_steps, data, batch_size)
     if not (isinstance(trigger_passes, int) and trigger_passes >= 0):
@@ -142,6 +148,8 @@ def cerp(
         )
     if not trigger_radius > 0 or not scale > 0:
         raise ValueError("attack.options.trigger_radius and scale must be > 0")
+    if start not in ("global", "normal"):
+        raise ValueError(f"attack.options.start must be 'global' or 'normal', got {start!r}")
     lo, hi = trigger_clamp
     if not lo < hi:
         raise ValueError(f"attack.options.trigger_clamp must be (low, high), got {trigger_clamp}")
@@ -238,8 +246,12 @@ def cerp(
                 normal = jax.tree.map(lambda p, u: p + u[r], g["params"], updates["params"])
                 cid = c.client_ids[r]
                 mask = piece_masks[cid % 4] if distributed else jnp.asarray(full)
+                if start == "normal":
+                    begin = jax.tree.map(lambda p, u: p + u[r], g, updates)
+                else:
+                    begin = g
                 trained, _ = train_fn(
-                    g,
+                    begin,
                     keys[j],
                     c.data,
                     c.data.indices[cid],

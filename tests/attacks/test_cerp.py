@@ -93,3 +93,37 @@ def test_test_trigger_stamps_the_whole_trigger(setup):
     np.testing.assert_array_equal(
         np.asarray(stamped)[:, ~full[..., 0]], np.asarray(x)[:, ~full[..., 0]]
     )
+
+
+@pytest.mark.parametrize("start", ["global", "normal"])
+def test_poisoned_training_starts_where_asked(start):
+    # With a vanishing learning rate poisoned training does not move the parameters, so the
+    # uploaded parameter update is what the start point was: 0 from the global model, the
+    # attacker's normal update from its normally trained model. Benign rows are never touched.
+    # (The cosine term is off: its gradient grows as 1/||θ - θ_G||, which a step of 1e-12 from
+    # θ_G makes huge.)
+    ds = load_dataset("digits")
+    opts = {"poison_steps": 2, "lr": 1e-12, "trigger_passes": 0, "cos_coef": 0.0, "start": start}
+    cfg = override(get_preset("demo"), {"attack.name": "cerp", "attack.options": opts})
+    sim = simulation.build(cfg, ds)
+    g = sim.init_state().global_variables
+    ids = jnp.array(IDS, jnp.int32)
+    mal = ids < cfg.attack.num_attackers
+    updates = jax.tree.map(
+        lambda x: 1e-2 * jax.random.normal(jax.random.key(3), (len(IDS),) + x.shape), g
+    )
+    ctx = CraftContext(g, jnp.int32(0), ids, mal, sim.data, sim.data.counts[ids])
+    out, _ = jax.jit(sim.attack.craft)(jax.random.key(4), updates, sim.attack.init(g), ctx)
+    got, before, m = _rows(out["params"]), _rows(updates["params"]), np.asarray(mal)
+    np.testing.assert_array_equal(got[~m], before[~m])
+    want = before[m] if start == "normal" else np.zeros_like(before[m])
+    np.testing.assert_allclose(got[m], want, atol=1e-6)
+    assert np.abs(before[m]).max() > 1e-3  # the two starts are far apart
+
+
+def test_start_option_is_checked():
+    cfg = override(
+        get_preset("demo"), {"attack.name": "cerp", "attack.options": {"start": "theta"}}
+    )
+    with pytest.raises(ValueError, match="attack.options.start"):
+        simulation.build(cfg, load_dataset("digits"))
