@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +42,10 @@ class ConfigError(ValueError):
 
 def _freeze_options(obj, name):
     # Options are a plain dict on a frozen dataclass; copy so callers cannot mutate it afterwards.
-    object.__setattr__(obj, name, dict(getattr(obj, name) or {}))
+    # Anything else is kept as given, for validate() to reject with the field's name.
+    value = getattr(obj, name)
+    if value is None or isinstance(value, Mapping):
+        object.__setattr__(obj, name, dict(value or {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +386,8 @@ def _parse_value(text: Any, annotation: str | None = None) -> Any:
     """Turns an override's text into a value of the field's type (``annotation``, a string).
 
     A plain ``str`` field keeps the text as is (so ``attack.name=none`` stays the string); other
-    fields read Python literals, ``none``/``null`` as None and ``true``/``false`` as booleans.
+    fields read Python literals, ``none``/``null`` as None and ``true``/``false`` as booleans,
+    and JSON (``{"start": "normal", "distributed": false}``) where it is not a Python literal.
     """
     if not isinstance(text, str):
         return text
@@ -395,7 +400,11 @@ def _parse_value(text: Any, annotation: str | None = None) -> Any:
         return low.lower() == "true"
     try:
         return ast.literal_eval(low)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(low)
+    except (ValueError, RecursionError):
         return text
 
 

@@ -90,6 +90,22 @@ def test_overrides_are_typed_by_field():
         override(cfg, {"foo.bar": 3})
 
 
+def test_options_override_reads_json_and_a_non_mapping_is_a_field_error(capsys):
+    # JSON spellings (false, null) are what users paste; a Python literal still works.
+    cfg = override(
+        get_preset("demo", defense="fedavg"),
+        parse_overrides(['attack.options={"scale": 2.5, "loss_weights": null, "x": false}']),
+    )
+    assert cfg.attack.options == {"scale": 2.5, "loss_weights": None, "x": False}
+    cfg = override(cfg, parse_overrides(["attack.options={'scale': 3}"]))
+    assert cfg.attack.options == {"scale": 3}
+    bad = override(get_preset("demo", defense="fedavg"), {"attack.options": "notadict"})
+    with pytest.raises(ConfigError, match="attack.options.*must be a mapping"):
+        validate(bad)
+    assert cli.main(["validate", "demo", "--set", "defense.options=[1, 2]"]) == 2
+    assert "defense.options" in capsys.readouterr().err
+
+
 def test_dict_roundtrip():
     cfg = get_preset("demo")
     assert from_dict(to_dict(cfg)) == cfg
