@@ -282,8 +282,57 @@ def _check_options(field: str, factory, options: Mapping[str, Any]) -> None:
             _fail(f"{field}.{k}", options[k], f"unknown option; allowed: {sorted(allowed)}{extra}")
 
 
+class _ProbeUsed(BaseException):
+    """The factory got past its option checks and reached for the context (see _ProbeContext).
+
+    A BaseException, so that a factory that wraps others in ``except Exception`` (to collect
+    their errors, say) cannot swallow it and record the probe as a failure.
+    """
+
+
+class _ProbeContext:
+    """A stand-in for the attack/defense context that stops the factory at its first use.
+
+    Factories check their option values before they use the context (the model, the data
+    shapes, ...), so calling one with this object runs exactly those checks, without building
+    anything. Whatever the factory does with the context afterwards is left to build time.
+    """
+
+    def __getattr__(self, name):
+        raise _ProbeUsed(name)
+
+    def __getitem__(self, key):
+        raise _ProbeUsed(key)
+
+    def __iter__(self):
+        raise _ProbeUsed("iter")
+
+    def __len__(self):
+        raise _ProbeUsed("len")
+
+    def __bool__(self):
+        raise _ProbeUsed("bool")
+
+
+def _check_option_values(field: str, name: str, factory, options: Mapping[str, Any]) -> None:
+    """Runs the factory's own checks of its option values (those before any use of the context;
+    checks that need the context, such as a count against the model's layers, stay at build)."""
+    try:
+        factory(_ProbeContext(), **options)
+    except _ProbeUsed:
+        return
+    except (ValueError, TypeError) as e:
+        section = field.split(".")[0]
+        _fail(field, dict(options), f"{section}.name={name!r} rejects it: {e}")
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Checks every field; returns ``cfg`` unchanged or raises :class:`ConfigError`."""
+    """Checks every field; returns ``cfg`` unchanged or raises :class:`ConfigError`.
+
+    Attack and defense options are checked by name against the factory's signature, and by value
+    by the factory's own checks (run without building anything); the few checks that need the
+    model or the data run when the simulation is built, before anything compiles.
+    """
     from marsjax import attacks, defenses  # registries (import here: no cycle at import time)
     from marsjax.data.datasets import DATASETS
     from marsjax.models import CONV_IMPLS, MODELS
@@ -364,9 +413,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_int("attack.trigger_top", a.trigger_top, lo=0, allow_none=True)
     _check_int("attack.trigger_left", a.trigger_left, lo=0, allow_none=True)
     _check_options("attack.options", attacks.REGISTRY[a.name], a.options)
+    _check_option_values("attack.options", a.name, attacks.REGISTRY[a.name], a.options)
 
     _check_choice("defense.name", df.name, tuple(defenses.REGISTRY))
     _check_options("defense.options", defenses.REGISTRY[df.name], df.options)
+    _check_option_values("defense.options", df.name, defenses.REGISTRY[df.name], df.options)
 
     from marsjax.data.datasets import _META
 

@@ -362,22 +362,46 @@ def test_former_gaps_in_validation(changes):
     assert _check_names_a_field(cfg) is not None
 
 
-# Option VALUES are checked by the attack/defense factory when the simulation is built (before
-# anything compiles; the CLI reports it as a config error naming the option), not by validate().
-_GAPS = [
-    pytest.param({"attack.options": {"scale": -1.0}}, id="option-value-checked-only-at-build"),
+# Option VALUES: validate() runs each factory's own checks (those before it uses its context).
+_OPTION_VALUES = [
+    pytest.param({"attack.options": {"scale": -1.0}}, "attack.options", id="attack-scale"),
+    pytest.param({"attack.options": {"scale": "big"}}, "attack.options", id="attack-scale-type"),
+    pytest.param(
+        {"defense.name": "mars", "defense.options": {"kappa": 2.0}},
+        "defense.options",
+        id="mars-kappa",
+    ),
+    pytest.param(
+        {"defense.name": "trimmed_mean", "defense.options": {"trim_ratio": 0.7}},
+        "defense.options",
+        id="trim-ratio",
+    ),
 ]
 
 
-@pytest.mark.xfail(reason="option values are checked by the factories at build time")
-@pytest.mark.parametrize("changes", _GAPS)
-def test_known_gaps_in_validation(changes):
+@pytest.mark.parametrize(("changes", "field"), _OPTION_VALUES)
+def test_option_values_are_checked_by_validate(changes, field):
     from marsjax.config import get_preset
 
     cfg = get_preset("demo")
-    for field, value in changes.items():
-        cfg = _set(cfg, field, value)
-    assert _check_names_a_field(cfg) is not None
+    for key, value in changes.items():
+        cfg = _set(cfg, key, value)
+    msg = _check_names_a_field(cfg)
+    assert msg is not None and field in msg, msg
+
+
+def test_the_option_probe_rejects_no_registered_default():
+    # Every attack and defense with its default options passes the probe: it either uses the
+    # context (the probe stops it) or needs none; a false "invalid option" here would block runs.
+    from marsjax import attacks, defenses
+    from marsjax.config import _ProbeContext, _ProbeUsed
+
+    for registry in (attacks.REGISTRY, defenses.REGISTRY):
+        for name, factory in registry.items():
+            try:
+                factory(_ProbeContext())
+            except _ProbeUsed:
+                pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -234,6 +234,19 @@ def mars_select(
     return MarsDecision(accepted, scores, labels, centers, gap, attack, kept.astype(jnp.int32))
 
 
+def _check_args(kappa, epsilon, clustering, select, layers) -> None:
+    if clustering not in ("code", "paper"):
+        raise ValueError(f"clustering must be 'code' or 'paper', got {clustering!r}")
+    if select not in ("min_l1", "majority"):
+        raise ValueError(f"select must be 'min_l1' or 'majority', got {select!r}")
+    if layers not in ("conv_bn", "all"):
+        raise ValueError(f"layers must be 'conv_bn' or 'all', got {layers!r}")
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"kappa must be in (0, 1], got {kappa!r}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+
+
 def mars(
     kappa: float = 0.05,
     epsilon: float = 0.03,
@@ -276,16 +289,7 @@ def mars(
       rule keeps (computed even when no attack is declared; higher = farther from the benign
       group); excluded rows score ``float32.max``.
     """
-    if clustering not in ("code", "paper"):
-        raise ValueError(f"clustering must be 'code' or 'paper', got {clustering!r}")
-    if select not in ("min_l1", "majority"):
-        raise ValueError(f"select must be 'min_l1' or 'majority', got {select!r}")
-    if layers not in ("conv_bn", "all"):
-        raise ValueError(f"layers must be 'conv_bn' or 'all', got {layers!r}")
-    if not 0.0 < kappa <= 1.0:
-        raise ValueError(f"kappa must be in (0, 1], got {kappa!r}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+    _check_args(kappa, epsilon, clustering, select, layers)
     if layout is not None and not layout:
         raise ValueError("layout has no layers to score")
 
@@ -372,6 +376,7 @@ def _build(
     The layout comes from ``ctx.model`` called on a ``[1, *ctx.image_shape]`` float32 input, in call
     order, so it does not depend on the order of the variables dict's keys.
     """
+    _check_args(kappa, epsilon, clustering, select, layers)  # before ctx: validate() runs these
     layout = None
     if ctx.model is not None:
         x = jax.ShapeDtypeStruct((1, *ctx.image_shape), jnp.float32)
