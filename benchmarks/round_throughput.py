@@ -70,10 +70,11 @@ TORCH_MODELS = {
 def machine() -> dict:
     cpu = ""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     dev = jax.devices()[0]
@@ -132,7 +133,7 @@ def config(
 def device_peak_bytes() -> int | None:
     try:
         return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
-    except Exception:
+    except Exception:  # noqa: BLE001 - backends without memory stats
         return None
 
 
@@ -151,13 +152,13 @@ def bench_jax(
     sim = simulation.build(cfg, ds)
     state = sim.init_state()
     t0 = time.perf_counter()
-    state, m = sim.round_step(state, sim.data)
+    state, _ = sim.round_step(state, sim.data)
     jax.block_until_ready(state)
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        state, m = sim.round_step(state, sim.data)
+        state, _ = sim.round_step(state, sim.data)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     t = float(np.median(times))
@@ -264,8 +265,9 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict:
 
 def bench_torch(model, clients, per_client, repeats=2) -> dict:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-    from benchmarks.baselines import torch_fl
     import torch
+
+    from benchmarks.baselines import torch_fl
 
     name, kw, shape = TORCH_MODELS[model]
     r = torch_fl.time_round(
@@ -311,7 +313,7 @@ def main(argv=None) -> int:
     common = {
         **info,
         "command": " ".join(["python -m benchmarks.round_throughput", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
     def emit(rec):
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
                 if peak is not None:
                     r["frac_peak"] = r["flops_per_s"] / 1e9 / peak["peak_gflops"]
             emit({**case, **r})
-        except Exception as e:  # a case that does not fit must not lose the others
+        except Exception as e:  # noqa: BLE001 - a case that does not fit must not lose the others
             emit({**case, "error": f"{type(e).__name__}: {str(e)[:500]}"})
     return 0
 

@@ -21,7 +21,7 @@ import optax
 
 from marsjax.types import PyTree, Variables
 
-__all__ = ["server_optimizer", "rule_scale", "apply_update", "tree_all_finite"]
+__all__ = ["apply_update", "rule_scale", "server_optimizer", "tree_all_finite"]
 
 
 def server_optimizer() -> optax.GradientTransformation:

@@ -28,11 +28,11 @@ from marsjax.types import Key, Variables
 __all__ = [
     "ClientData",
     "LocalTrainFn",
-    "make_normalize",
-    "make_local_train",
     "cross_entropy_loss",
-    "sgd",
+    "make_local_train",
+    "make_normalize",
     "num_local_steps",
+    "sgd",
 ]
 
 

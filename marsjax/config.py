@@ -14,25 +14,26 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "PRESETS",
+    "AttackConfig",
     "ConfigError",
     "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "AttackConfig",
     "DefenseConfig",
-    "RunConfig",
     "ExperimentConfig",
-    "validate",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_dict",
+    "get_preset",
     "override",
     "parse_overrides",
     "to_dict",
-    "from_dict",
-    "PRESETS",
-    "get_preset",
+    "validate",
 ]
 
 
@@ -245,7 +246,7 @@ def _check_float(field, value, lo=None, hi=None, lo_open=False, allow_none=False
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(field, value, "must be a number")
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         _fail(field, value, "must be finite")
     if lo is not None and (value <= lo if lo_open else value < lo):
         _fail(field, value, f"must be {'>' if lo_open else '>='} {lo}")

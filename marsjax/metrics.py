@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["detection_rates", "cad", "make_evaluate", "summarize"]
+__all__ = ["cad", "detection_rates", "make_evaluate", "summarize"]
 
 
 def detection_rates(accepted: jax.Array, is_attacking: jax.Array):

@@ -8,7 +8,7 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-__all__ = ["summary_markdown", "summary_csv", "plot_curves", "COLUMNS"]
+__all__ = ["COLUMNS", "plot_curves", "summary_csv", "summary_markdown"]
 
 COLUMNS = ("acc", "asr", "tpr", "fpr", "cad")
 

@@ -25,17 +25,18 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "CLIENTS",
+    "client_sharded",
+    "initialize",
     "make_mesh",
     "mesh_for",
-    "replicated",
-    "client_sharded",
     "put_replicated",
+    "replicated",
     "to_host",
-    "initialize",
 ]
 
 CLIENTS = "clients"
@@ -115,7 +116,7 @@ def initialize(
     """
     try:  # CPU collectives across processes; ignored by GPU/TPU backends
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except Exception:  # option absent on some builds
+    except Exception:  # noqa: BLE001, S110 - option absent on some builds
         pass
     jax.distributed.initialize(
         coordinator_address=coordinator_address,

@@ -38,16 +38,16 @@ from marsjax.tree import row_is_finite, zero_rows
 from marsjax.types import Variables
 
 __all__ = [
+    "STREAM_ATTACK",
+    "STREAM_DEFENSE",
+    "STREAM_SAMPLE",
+    "STREAM_TRAIN",
     "RoundState",
     "Simulation",
     "build",
     "run",
-    "sample_clients",
     "run_clients",
-    "STREAM_SAMPLE",
-    "STREAM_TRAIN",
-    "STREAM_ATTACK",
-    "STREAM_DEFENSE",
+    "sample_clients",
 ]
 
 STREAM_SAMPLE, STREAM_TRAIN, STREAM_ATTACK, STREAM_DEFENSE, STREAM_INIT = range(5)
@@ -197,7 +197,7 @@ def build(
     num_attackers = a.num_attackers
     apr = a.attackers_per_round if num_attackers else None
     if apr is None:
-        expected_attackers = int(round(m * num_attackers / d.num_clients))
+        expected_attackers = round(m * num_attackers / d.num_clients)
     else:
         expected_attackers = apr
     has_attack = a.name != "none" and num_attackers > 0
@@ -498,8 +498,7 @@ def run(
         records.extend(new)
         if out:
             with open(out / "metrics.jsonl", "a") as f:
-                for rec in new:
-                    f.write(json.dumps(rec) + "\n")
+                f.writelines(json.dumps(rec) + "\n" for rec in new)
         if bar is not None:
             bar.update(len(new))
             if last_eval:
@@ -521,6 +520,6 @@ def run(
         (out / "summary.md").write_text(report.summary_markdown([summary]))
         try:
             report.plot_curves(records, out / "curves.png", title=cfg.name)
-        except Exception as e:  # plotting must never lose a finished run
+        except Exception as e:  # noqa: BLE001 - plotting must never lose a finished run
             (out / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
     return {"summary": summary, "records": records, "state": state, "sim": sim}

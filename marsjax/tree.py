@@ -11,14 +11,14 @@ from marsjax.types import PyTree, Updates
 
 __all__ = [
     "flatten_stacked",
+    "row_is_finite",
+    "select_leaves",
+    "tree_add_scaled",
+    "tree_norm",
     "unflatten_like",
     "weighted_mean",
     "weighted_sum",
-    "row_is_finite",
     "zero_rows",
-    "tree_add_scaled",
-    "tree_norm",
-    "select_leaves",
 ]
 
 

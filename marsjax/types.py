@@ -25,4 +25,4 @@ Updates = PyTree
 Batch = tuple[jax.Array, jax.Array]  # (images uint8/float [B, H, W, C], labels int32 [B])
 Metrics = dict[str, jax.Array]
 
-__all__ = ["PyTree", "Array", "Key", "Params", "Variables", "Update", "Updates", "Batch", "Metrics"]
+__all__ = ["Array", "Batch", "Key", "Metrics", "Params", "PyTree", "Update", "Updates", "Variables"]

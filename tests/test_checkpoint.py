@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from marsjax import checkpoint, cli, simulation
-from marsjax.checkpoint import CheckpointError, Checkpointer
+from marsjax.checkpoint import Checkpointer, CheckpointError
 from marsjax.config import from_dict, get_preset, override
 from marsjax.data import load_dataset
 
@@ -171,7 +171,7 @@ def test_sigkill_during_save_and_between_checkpoints_then_resume_is_exact(tmp_pa
     )
     assert [r["round"] for r in got] == list(range(6))
     assert _strip(got) == _strip(want)
-    summary = lambda d: {  # noqa: E731
+    summary = lambda d: {
         k: v
         for k, v in json.loads((tmp_path / d / "summary.json").read_text()).items()
         if k != "wall_s"

@@ -46,10 +46,10 @@ def test_mapped_and_vmapped_clients_equal_python_loop():
     args = (keys, jnp.asarray(idx), jnp.asarray(counts))
     loop = [jax.jit(one)(keys[i], args[1][i], args[2][i]) for i in range(4)]
     for strategy, chunk in (("vmap", None), ("map", None), ("map", 2)):
-        got = jax.jit(lambda *a: run_clients(one, a, strategy, chunk))(*args)
+        got = jax.jit(lambda *a, s=strategy, c=chunk: run_clients(one, a, s, c))(*args)
         for i in range(4):
             want = loop[i]
-            g = jax.tree.map(lambda t: t[i], got)
+            g = jax.tree.map(lambda t, i=i: t[i], got)
             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(g)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # the empty client did not move; the others did

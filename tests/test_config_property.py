@@ -397,7 +397,7 @@ def test_the_option_probe_rejects_no_registered_default():
     from marsjax.config import _ProbeContext, _ProbeUsed
 
     for registry in (attacks.REGISTRY, defenses.REGISTRY):
-        for name, factory in registry.items():
+        for factory in registry.values():
             try:
                 factory(_ProbeContext())
             except _ProbeUsed:

@@ -20,12 +20,12 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST_DIR",
     "Dataset",
     "DatasetError",
-    "DATASETS",
     "load_dataset",
     "load_idx",
-    "DEBIAN_FASHION_MNIST_DIR",
 ]
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -128,7 +128,7 @@ def _load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     test = np.zeros(len(y), bool)
     for c in range(10):
         idx = np.flatnonzero(y == c)
-        test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+        test[rng.choice(idx, round(test_fraction * len(idx)), replace=False)] = True
     return _finish("digits", x[~test], y[~test], x[test], y[test])
 
 
@@ -209,7 +209,7 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         raise DatasetError(f"{name}: tensorflow-datasets is not importable ({e})") from None
     try:
         sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
+    except Exception as e:  # noqa: BLE001 - tfds raises several types for "not prepared"
         raise DatasetError(
             f"dataset {name!r} is not available offline (data_dir={data_dir!r}: "
             f"{type(e).__name__}: {' '.join(str(e).split())[:200]}). "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Trigger", "pattern_trigger", "apply_trigger", "poison_batch", "PATTERN"]
+__all__ = ["PATTERN", "Trigger", "apply_trigger", "pattern_trigger", "poison_batch"]
 
 PATTERN = np.array(
     [[1, 0, 1], [-10, 1, -10], [-10, -10, 0], [-10, 1, -10], [1, 0, 1]], dtype=np.int32

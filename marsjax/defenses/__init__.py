@@ -40,11 +40,11 @@ from marsjax.defenses import (
     _foolsgold,
     _indicator,
     _krum,
+    _mars,
     _median,
     _norm_clipping,
     _rflbat,
 )
-from marsjax.defenses import _mars
 from marsjax.defenses._deepsight import deepsight
 from marsjax.defenses._fedavg import fedavg
 from marsjax.defenses._fedclp import fedclp
@@ -64,34 +64,34 @@ from marsjax.defenses.energy import backdoor_energy, concentrated_backdoor_energ
 from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_matrix
 
 __all__ = [
+    "REGISTRY",
     "Defense",
     "DefenseContext",
     "DefenseResult",
     "EmptyState",
-    "REGISTRY",
-    "make",
-    "fedavg",
-    "mars",
     "backdoor_energy",
-    "concentrated_backdoor_energy",
-    "wasserstein_1d",
-    "wasserstein_matrix",
-    "kmeans",
-    "k_wmeans",
-    "wasserstein_kmeans",
-    "krum",
-    "multi_krum",
-    "median",
-    "trimmed_mean",
-    "norm_clipping",
-    "flame",
-    "foolsgold",
-    "rflbat",
-    "fldetector",
-    "deepsight",
-    "fedclp",
     "backdoor_indicator",
+    "concentrated_backdoor_energy",
+    "deepsight",
+    "fedavg",
+    "fedclp",
+    "flame",
+    "fldetector",
     "fltrust",
+    "foolsgold",
+    "k_wmeans",
+    "kmeans",
+    "krum",
+    "make",
+    "mars",
+    "median",
+    "multi_krum",
+    "norm_clipping",
+    "rflbat",
+    "trimmed_mean",
+    "wasserstein_1d",
+    "wasserstein_kmeans",
+    "wasserstein_matrix",
 ]
 
 REGISTRY = {

@@ -11,11 +11,11 @@ import jax
 from marsjax.types import Key, Updates, Variables
 
 __all__ = [
-    "DefenseResult",
     "Defense",
+    "DefenseApplyFn",
     "DefenseContext",
     "DefenseInitFn",
-    "DefenseApplyFn",
+    "DefenseResult",
     "EmptyState",
 ]
 

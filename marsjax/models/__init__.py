@@ -9,15 +9,15 @@ from marsjax.models.layers import CONV_IMPLS, Conv, conv2d, default_conv_impl
 from marsjax.models.resnet import ResNet18
 
 __all__ = [
-    "MODELS",
-    "build_model",
-    "SimpleNet",
-    "ResNet18",
+    "CONV_IMPLS",
     "MLP",
+    "MODELS",
     "Conv",
+    "ResNet18",
+    "SimpleNet",
+    "build_model",
     "conv2d",
     "default_conv_impl",
-    "CONV_IMPLS",
 ]
 
 MODELS = ("simplenet", "resnet18", "mlp")

@@ -16,7 +16,7 @@ import jax
 
 from marsjax.models.layers import Conv, max_pool
 
-__all__ = ["SimpleNet", "MLP"]
+__all__ = ["MLP", "SimpleNet"]
 
 
 class SimpleNet(nn.Module):

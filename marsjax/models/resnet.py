@@ -16,7 +16,7 @@ import jax
 
 from marsjax.models.layers import Conv
 
-__all__ = ["ResNet18", "BasicBlock"]
+__all__ = ["BasicBlock", "ResNet18"]
 
 _kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 

@@ -14,17 +14,17 @@ out, devices = args[0], int(args[1])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-from marsjax import sharding  # noqa: E402
+from marsjax import sharding
 
 if len(args) == 5:
     pid, nproc, port = int(args[2]), int(args[3]), args[4]
     sharding.initialize(f"localhost:{port}", nproc, pid)
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from marsjax import simulation  # noqa: E402
-from marsjax.config import get_preset, override  # noqa: E402
+from marsjax import simulation
+from marsjax.config import get_preset, override
 
 cfg = override(
     get_preset("demo", defense="fedavg"),
@@ -41,16 +41,17 @@ leaves = [
     np.asarray(sharding.to_host(x), np.float64)
     for x in jax.tree.leaves(res["state"].global_variables)
 ]
-json.dump(
-    {
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "mesh": None if sim.mesh is None else int(sim.mesh.size),
-        "summary": {k: res["summary"][k] for k in ("acc", "asr", "tpr", "fpr")},
-        "records": [
-            {k: r[k] for k in ("client_ids", "accepted", "train_loss")} for r in res["records"]
-        ],
-        "leaves": [x.ravel().tolist() for x in leaves],
-    },
-    open(out, "w"),
-)
+with open(out, "w") as f:
+    json.dump(
+        {
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "mesh": None if sim.mesh is None else int(sim.mesh.size),
+            "summary": {k: res["summary"][k] for k in ("acc", "asr", "tpr", "fpr")},
+            "records": [
+                {k: r[k] for k in ("client_ids", "accepted", "train_loss")} for r in res["records"]
+            ],
+            "leaves": [x.ravel().tolist() for x in leaves],
+        },
+        f,
+    )
