@@ -26,21 +26,21 @@ def test_pieces_official_geometry_and_small_images():
     assert set(np.nonzero(s.any(0)[..., 0])[1].tolist()) == {0, 1, 2, 4, 5, 6}
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _craft(opts, update_scale, seed):
+    """One CerP ``craft`` on the demo federation (clients ``IDS``, random updates)."""
     ds = load_dataset("digits")
-    opts = {"poison_steps": 6, "trigger_radius": 0.5}
     cfg = override(get_preset("demo"), {"attack.name": "cerp", "attack.options": opts})
     sim = simulation.build(cfg, ds)
     g = sim.init_state().global_variables
     ids = jnp.array(IDS, jnp.int32)
     mal = ids < cfg.attack.num_attackers
     updates = jax.tree.map(
-        lambda x: 1e-3 * jax.random.normal(jax.random.key(1), (len(IDS),) + x.shape), g
+        lambda x: update_scale * jax.random.normal(jax.random.key(seed), (len(IDS),) + x.shape),
+        g,
     )
     ctx = CraftContext(g, jnp.int32(0), ids, mal, sim.data, sim.data.counts[ids])
     state0 = sim.attack.init(g)
-    out, state = jax.jit(sim.attack.craft)(jax.random.key(2), updates, state0, ctx)
+    out, state = jax.jit(sim.attack.craft)(jax.random.key(seed + 1), updates, state0, ctx)
     return {
         "sim": sim,
         "ds": ds,
@@ -50,6 +50,11 @@ def setup():
         "state": state,
         "mal": np.asarray(mal),
     }
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _craft({"poison_steps": 6, "trigger_radius": 0.5}, 1e-3, 1)
 
 
 def _rows(tree):
@@ -102,19 +107,9 @@ def test_poisoned_training_starts_where_asked(start):
     # attacker's normal update from its normally trained model. Benign rows are never touched.
     # (The cosine term is off: its gradient grows as 1/||θ - θ_G||, which a step of 1e-12 from
     # θ_G makes huge.)
-    ds = load_dataset("digits")
     opts = {"poison_steps": 2, "lr": 1e-12, "trigger_passes": 0, "cos_coef": 0.0, "start": start}
-    cfg = override(get_preset("demo"), {"attack.name": "cerp", "attack.options": opts})
-    sim = simulation.build(cfg, ds)
-    g = sim.init_state().global_variables
-    ids = jnp.array(IDS, jnp.int32)
-    mal = ids < cfg.attack.num_attackers
-    updates = jax.tree.map(
-        lambda x: 1e-2 * jax.random.normal(jax.random.key(3), (len(IDS),) + x.shape), g
-    )
-    ctx = CraftContext(g, jnp.int32(0), ids, mal, sim.data, sim.data.counts[ids])
-    out, _ = jax.jit(sim.attack.craft)(jax.random.key(4), updates, sim.attack.init(g), ctx)
-    got, before, m = _rows(out["params"]), _rows(updates["params"]), np.asarray(mal)
+    r = _craft(opts, 1e-2, 3)
+    got, before, m = _rows(r["out"]["params"]), _rows(r["updates"]["params"]), r["mal"]
     np.testing.assert_array_equal(got[~m], before[~m])
     want = before[m] if start == "normal" else np.zeros_like(before[m])
     np.testing.assert_allclose(got[m], want, atol=1e-6)
