@@ -1,4 +1,5 @@
-"""Table 2 in the paper's MNIST setting, on Fashion-MNIST (GPU-sized, no reductions).
+"""Table 2 in the paper's MNIST setting, on Fashion-MNIST (no reductions; 12-45 s per run on one
+H200, 4-5.5 min on 2 CPU cores, DeepSight much longer).
 
     marsjax sweep experiments/configs/table2_fmnist_gpu.py --set data.data_dir=DIR
 
