@@ -243,20 +243,16 @@ def cerp(
                 out, prev_dir = carry
                 hit = rank == j
                 r = jnp.argmax(hit)
-                normal = jax.tree.map(lambda p, u: p + u[r], g["params"], updates["params"])
+                normal = jax.tree.map(lambda p, u: p + u[r], g, updates)  # θ_normal, BN too
                 cid = c.client_ids[r]
                 mask = piece_masks[cid % 4] if distributed else jnp.asarray(full)
-                if start == "normal":
-                    begin = jax.tree.map(lambda p, u: p + u[r], g, updates)
-                else:
-                    begin = g
                 trained, _ = train_fn(
-                    begin,
+                    normal if start == "normal" else g,
                     keys[j],
                     c.data,
                     c.data.indices[cid],
                     c.counts[r],
-                    (normal, prev_dir, g["params"], mask, t),
+                    (normal["params"], prev_dir, g["params"], mask, t),
                 )
                 delta = tree_sub(trained, g)
                 dn = safe_sqrt(
