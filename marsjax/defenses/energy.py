@@ -20,20 +20,75 @@ Which layers are scored (``layers=``):
   the only public implementation of the variant. A per-neuron alternative (row norms) would treat a
   fully connected layer like ``C_out`` 1x1 convolutions; we keep one value per layer.
 
-How layers are found. The params are walked in definition order; a *layer* is a module whose params
-hold a ``kernel`` (4-D: convolution, 2-D: dense), or ``scale`` and ``bias`` with ``mean`` and ``var``
-at the same path of ``batch_stats`` (a BatchNorm; LayerNorm and GroupNorm have no running statistics
-and are not BatchNorms). A BatchNorm is paired with the layer right before it when that is an
-unpaired convolution (or dense layer) with as many output channels; a BatchNorm that follows nothing
-of the kind is not scored. The result is an :class:`EnergyLayout`, a static tuple of paths.
+How layers are found. A *layer* is a module whose params hold a ``kernel`` (4-D: convolution,
+2-D: dense), or ``scale`` and ``bias`` with ``mean`` and ``var`` at the same path of ``batch_stats``
+(a BatchNorm; LayerNorm and GroupNorm have no running statistics and are not BatchNorms). Each
+BatchNorm is paired with the layer it follows, which must have as many output channels; a conv
+without BatchNorm is scored unscaled, a BatchNorm that follows no conv or dense layer is not scored.
+The result is an :class:`EnergyLayout`, a static tuple of paths. Which layer a BatchNorm follows
+is decided in one of three ways:
 
-Caveat: JAX sorts dict keys whenever it rebuilds a tree (``jax.tree.map``, ``jax.jit`` outputs,
-``jax.eval_shape``, ``Module.lazy_init``), so only the dict returned by an eager ``Module.init`` is
-in definition order. Pass a layout computed once: ``energy_layout(variables,
-module_order=module_call_order(model, x))`` records the order in which the model calls its
-submodules (abstractly, no FLOPs) and does not depend on dict order. Without a layout,
-:func:`backdoor_energy` walks the dict's own order and warns when it finds BatchNorms it cannot
-pair, the sign of a sorted dict.
+1. ``module_order`` given (:func:`module_call_order`, the order in which the model calls its
+   submodules, traced abstractly): the layers are walked in that order and each BatchNorm pairs
+   with the layer right before it, as the official code walks ``named_modules()``. Always right.
+2. No ``module_order``, and some dict of ``params`` lists its keys out of sorted order: JAX sorts
+   the keys of every dict whenever it rebuilds a tree (``jax.tree.map``, ``jax.jit`` outputs,
+   ``jax.eval_shape``, ``Module.lazy_init``, optax updates, checkpoint restores), so such a dict
+   was not rebuilt and keeps the definition order of an eager ``Module.init`` (flax creates a
+   BatchNorm's ``scale`` before its ``bias`` and a conv's ``kernel`` before its ``bias``, so any
+   model with a BatchNorm or a biased conv shows it). The dict is walked as in 1.
+3. Otherwise the order is unknown (a sorted dict, e.g. SimpleNet's ``bn1, bn2, conv1, conv2, fc1,
+   fc2``), and pairs are found from names and channel counts alone, in this order:
+
+   a. *Names*, among the modules of one parent: a BatchNorm whose name is a layer's name with one
+      conv token (``conv``, ``Conv``, ``CONV``, not inside a word) replaced by a BatchNorm token
+      (``bn``, ``BN``, ``norm``, ``Norm``, ``batchnorm``, ``batch_norm``, ``BatchNorm``), e.g.
+      ``conv1``/``bn1``, ``downsample_conv``/``downsample_bn``, or the layer's name followed by a
+      BatchNorm token (``stem``/``stem_bn``, ``conv1``/``conv1_norm``), when that match is one to
+      one and the channel counts agree. Flax's automatic names (``Conv_0``, ``BatchNorm_0``: a
+      class name and an index) are not names in this sense.
+   b. *Flax automatic names*, among the modules of one parent: a BatchNorm follows the layer right
+      before it, so in call order the i-th BatchNorm's layer comes after the (i-1)-th one's, and
+      the pairing of the ``BatchNorm_<i>`` with the ``Conv_<j>`` (indices count calls per class)
+      is an increasing map with matching channel counts. It is taken when exactly one such map
+      exists and every unpaired sibling layer with a channel count of these BatchNorms is
+      automatically named with one class: with as many convs as BatchNorms and matching counts,
+      ``Conv_i`` pairs with ``BatchNorm_i`` (SimpleNet or a ResNet block with automatic names);
+      ``Conv_0`` (16), ``Conv_1`` (16), ``BatchNorm_0`` (16) has two maps and is ambiguous.
+   c. *A unique channel count*, anywhere in the model: a BatchNorm still unpaired whose channel
+      count only one unpaired layer has, a layer that no other unpaired BatchNorm could take.
+
+   A BatchNorm left unpaired while an unpaired conv or dense layer has its channel count, or a
+   pair found by b or c while an unpaired layer with the same channel count remains (it could be
+   that BatchNorm's layer instead), is ambiguous: :class:`AmbiguousLayoutError` (a
+   ``ValueError``) is raised, never a value computed on a guessed pairing. (Unless no scored
+   layer is involved: with ``layers="conv_bn"`` a BatchNorm that only a dense layer could take
+   changes no value.) Rule 3 assumes that a
+   BatchNorm normalises the output of the conv or dense layer of its channel count that its names
+   (a) or its automatic-name position (b) point to, or the only one there is (c). The layers of a
+   sorted dict come out in natural order of their paths (``Conv_2`` before ``Conv_10``): the call
+   order of the convolutions of marsjax's SimpleNet and ResNet-18 (not of ResNet-18's ``fc``,
+   which sorts before ``layer1_0``), not of every model.
+
+   marsjax's SimpleNet (``conv1``/``bn1``) and ResNet-18 (``conv1``/``bn1``, ``conv2``/``bn2``,
+   ``downsample_conv``/``downsample_bn`` in every block) pair by rule a, so their sorted dicts
+   give the same values as their definition-order dicts. Rule 2 also raises
+   :class:`AmbiguousLayoutError` when its walk leaves a BatchNorm unpaired while an unpaired
+   scored layer has its channel count (a dict in neither definition nor sorted order; the old
+   code only warned there). The error tells the way
+   out, which never depends on dict order: compute the layout once, ``layout =
+   energy_layout(variables, module_order=module_call_order(model, x))``, and pass
+   ``backdoor_energy(variables, layout=layout)``.
+
+BatchNorm running variance: flax's ``BatchNorm`` folds the biased batch variance (divided by
+``n``, the values per channel in the batch) into its running average, PyTorch the unbiased one
+(``n / (n - 1)`` times larger), so BE of the same model differs by at most about ``1 / (2 (n - 1))``.
+Measured on SimpleNet with BatchNorm and one batch of 64 random 28x28x1 inputs (jax 0.10.2, flax
+0.12.8): with the running variance equal to the batch variance the largest relative change of BE
+over all channels is 1.2e-4 (0.012 %, at ``bn2``, ``n = 64 * 8 * 8 = 4096``; ``bn1``, ``n = 64 *
+24 * 24``: 1.4e-5), and after one momentum-0.9 update from the initial variance of 1 it is 7.1e-6;
+the 0.8 % bound ``1 / (2 * 63)`` would only be reached with one value per channel and sample (a
+BatchNorm after a dense layer, batch 64). marsjax keeps flax's convention and does not convert.
 
 How sigma_max is computed. The per-channel matrices are thin (``C_in x 9`` for 3x3 kernels), so we
 form each channel's Gram matrix on the small side (``9 x 9``; ``3 x 3`` for an RGB stem; ``1 x 1``,
@@ -71,7 +126,7 @@ against numpy in the tests.
 from __future__ import annotations
 
 import math
-import warnings
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -83,6 +138,7 @@ from marsjax.types import Variables
 
 __all__ = [
     "BN_EPSILON",
+    "AmbiguousLayoutError",
     "EnergyLayer",
     "EnergyLayout",
     "backdoor_energy",
@@ -201,6 +257,221 @@ def _collect_layers(params: Mapping, stats: Mapping) -> list[tuple[str, Path, in
     return found
 
 
+class AmbiguousLayoutError(ValueError):
+    """The variables dict does not tell which layer a BatchNorm follows; pass a layout instead."""
+
+
+_HOW_TO = (
+    "Compute the layout once from the model, in the order it calls its layers, and pass it: "
+    "layout = energy_layout(variables, module_order=module_call_order(model, x)) with x an "
+    "example input (e.g. jax.ShapeDtypeStruct((1, H, W, C), jnp.float32)), then "
+    "backdoor_energy(variables, layout=layout) (MARS: mars(layout=layout), or "
+    "model_energy_layout(model, x) from marsjax.defenses._mars)."
+)
+
+# Rule 3a/3b tokens (see the module docstring); "not inside a word" = no letter on either side.
+_CONV_TOKEN = re.compile(r"(?<![A-Za-z])(?:conv|Conv|CONV)(?![A-Za-z])")
+_BN_WORDS = r"(?:batch_norm|batchnorm|BatchNorm|bn|BN|norm|Norm)"
+_BN_TOKEN = re.compile(r"(?<![A-Za-z])" + _BN_WORDS + r"(?![A-Za-z])")
+_BN_SUFFIX = re.compile(r"^(.+?)[_.\-]?(?<![A-Za-z])" + _BN_WORDS + r"$")
+_AUTO_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_(\d+)$")  # flax: f"{type(module).__name__}_{i}"
+
+_Entry = tuple[str, Path, int]  # (kind, path, out_features), as _collect_layers yields
+
+
+def _path_str(path: Path) -> str:
+    return "params/" + "/".join(path) if path else "params"
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key comparing digit runs as numbers: ``Conv_2`` before ``Conv_10``."""
+    return tuple(
+        tuple(
+            (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", n)
+        )
+        for n in path
+    )
+
+
+def _keys_sorted(params: Mapping) -> bool:
+    """Whether every dict of ``params`` lists its keys in sorted order (as JAX rebuilds them)."""
+    stack = [params]
+    while stack:
+        node = stack.pop()
+        keys = list(node.keys())
+        try:
+            if keys != sorted(keys):
+                return False
+        except TypeError:  # keys JAX could not sort either
+            return False
+        stack.extend(child for child in node.values() if isinstance(child, Mapping))
+    return True
+
+
+def _pair_adjacent(found: Sequence[_Entry]) -> tuple[dict[Path, Path], list[_Entry]]:
+    """Rules 1 and 2: each BatchNorm pairs with the unpaired layer right before it in ``found``."""
+    pairs: dict[Path, Path] = {}
+    unpaired: list[_Entry] = []
+    prev: _Entry | None = None
+    for entry in found:
+        kind, path, feats = entry
+        if kind == "bn":
+            if prev is not None and prev[2] == feats:
+                pairs[prev[1]] = path
+            else:
+                unpaired.append(entry)
+            prev = None  # a BatchNorm (paired or not) ends the run
+            continue
+        prev = entry
+    return pairs, unpaired
+
+
+def _name_key(name: str, token: re.Pattern) -> str | None:
+    """``name`` with its single ``token`` replaced by a marker; None without exactly one."""
+    hits = list(token.finditer(name))
+    if len(hits) != 1:
+        return None
+    return name[: hits[0].start()] + "\0" + name[hits[0].end() :]
+
+
+def _names_match(layer: str, bn: str) -> bool:
+    """Rule 3a: ``conv1``/``bn1``, ``downsample_conv``/``downsample_bn``, ``stem``/``stem_bn``."""
+    key = _name_key(layer, _CONV_TOKEN)
+    if key is not None and key == _name_key(bn, _BN_TOKEN):
+        return True
+    m = _BN_SUFFIX.match(bn)
+    return m is not None and m.group(1) == layer
+
+
+def _auto_name(name: str) -> tuple[str, int] | None:
+    m = _AUTO_NAME.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _increasing_maps(bns: Sequence[int], layers: Sequence[int], limit: int = 2) -> list[list[int]]:
+    """Up to ``limit`` strictly increasing maps ``i -> j`` with ``bns[i] == layers[j]``."""
+    out: list[list[int]] = []
+
+    def extend(i: int, j0: int, chosen: list[int]) -> None:
+        if len(out) >= limit:
+            return
+        if i == len(bns):
+            out.append(list(chosen))
+            return
+        for j in range(j0, len(layers)):
+            if layers[j] == bns[i]:
+                chosen.append(j)
+                extend(i + 1, j + 1, chosen)
+                chosen.pop()
+
+    extend(0, 0, [])
+    return out
+
+
+def _pair_by_rules(found: Sequence[_Entry], scored: set[str]) -> dict[Path, Path]:
+    """Rule 3 (the dict's order is unknown): pairs from names and channel counts, or raises.
+
+    It raises only where a guess could change a scored value: a layer of a kind in ``scored``
+    (``{"conv"}`` or ``{"conv", "dense"}``) whose BatchNorm is unsure.
+    """
+    feats = {path: f for _, path, f in found}
+    kinds = {path: kind for kind, path, _ in found}
+    layers = [path for kind, path, _ in found if kind != "bn"]
+    bns = [path for kind, path, _ in found if kind == "bn"]
+    pairs: dict[Path, Path] = {}  # layer -> BatchNorm
+    inferred: list[tuple[Path, Path, str]] = []  # (layer, bn, rule) found by 3b or 3c
+    if not bns:
+        return pairs
+
+    def siblings(paths: list[Path]) -> dict[Path, list[Path]]:
+        groups: dict[Path, list[Path]] = {}
+        for path in paths:
+            if path:
+                groups.setdefault(path[:-1], []).append(path)
+        return groups
+
+    # 3a: names, one to one, same channel count.
+    layer_groups = siblings(layers)
+    for parent, group in siblings(bns).items():
+        cands: dict[Path, list[Path]] = {}
+        for b in group:
+            if _auto_name(b[-1]):
+                continue
+            cands[b] = [
+                lay
+                for lay in layer_groups.get(parent, [])
+                if not _auto_name(lay[-1])
+                and feats[lay] == feats[b]
+                and _names_match(lay[-1], b[-1])
+            ]
+        for b, ls in cands.items():
+            if len(ls) == 1 and sum(ls[0] in other for other in cands.values()) == 1:
+                pairs[ls[0]] = b
+
+    # 3b: flax automatic names, the unique increasing map of one parent.
+    def free_layers() -> list[Path]:
+        return [lay for lay in layers if lay not in pairs]
+
+    def free_bns() -> list[Path]:
+        taken = set(pairs.values())
+        return [b for b in bns if b not in taken]
+
+    layer_groups = siblings(free_layers())
+    for parent, group in siblings(free_bns()).items():
+        auto = [(_auto_name(b[-1]), b) for b in group]
+        auto = sorted((a, b) for a, b in auto if a is not None)
+        if not auto or len({a[0] for a, _ in auto}) != 1:
+            continue
+        counts = {feats[b] for _, b in auto}
+        rivals = [lay for lay in layer_groups.get(parent, []) if feats[lay] in counts]
+        named = [(_auto_name(lay[-1]), lay) for lay in rivals]
+        if not named or any(a is None for a, _ in named) or len({a[0] for a, _ in named}) != 1:
+            continue
+        named.sort()
+        maps = _increasing_maps([feats[b] for _, b in auto], [feats[lay] for _, lay in named])
+        if len(maps) == 1:
+            for (_, b), j in zip(auto, maps[0]):
+                pairs[named[j][1]] = b
+                inferred.append((named[j][1], b, "flax automatic names"))
+
+    # 3c: a channel count that only one unpaired layer and one unpaired BatchNorm have.
+    layers_left, bns_left = free_layers(), free_bns()
+    for b in bns_left:
+        ls = [lay for lay in layers_left if feats[lay] == feats[b]]
+        if len(ls) == 1 and sum(feats[o] == feats[b] for o in bns_left) == 1:
+            pairs[ls[0]] = b
+            inferred.append((ls[0], b, "the only layer with its channel count"))
+
+    # Anything a guess could have got wrong in a scored layer raises.
+    layers_left = free_layers()
+    problems = []
+    for b in free_bns():
+        rivals = [lay for lay in layers_left if feats[lay] == feats[b]]
+        if any(kinds[lay] in scored for lay in rivals):
+            problems.append(
+                f"BatchNorm {_path_str(b)} ({feats[b]} channels) could follow "
+                + " or ".join(_path_str(lay) for lay in rivals)
+            )
+    for lay, b, rule in inferred:
+        rivals = [o for o in layers_left if feats[o] == feats[b]]
+        if rivals and any(kinds[o] in scored for o in [lay, *rivals]):
+            problems.append(
+                f"BatchNorm {_path_str(b)} ({feats[b]} channels) pairs with {_path_str(lay)} by "
+                f"{rule}, but could follow " + " or ".join(_path_str(o) for o in rivals)
+            )
+    if problems:
+        raise AmbiguousLayoutError(
+            "backdoor energy: the variables dict is in sorted key order, the definition order is "
+            "lost (JAX sorts dict keys whenever it rebuilds a tree: jax.tree.map, jit outputs, "
+            "jax.eval_shape, optax updates, checkpoint restores), and names and channel counts "
+            "do not tell which layer each BatchNorm follows: "
+            + "; ".join(problems)
+            + ". "
+            + _HOW_TO
+        )
+    return pairs
+
+
 def energy_layout(
     variables: Variables,
     *,
@@ -215,48 +486,55 @@ def energy_layout(
         ``jax.ShapeDtypeStruct``.
       layers: ``"conv_bn"`` or ``"all"`` (see the module docstring).
       module_order: optional module paths in call/definition order (:func:`module_call_order`);
-        layers are visited in that order (those missing from it last, in dict order). Without it the
-        dict's own iteration order is used.
-      warn: warn when a BatchNorm cannot be paired although unpaired convolutions exist (the dict has
-        probably lost its definition order).
+        layers are visited in that order (those missing from it last, in dict order) and each
+        BatchNorm pairs with the layer right before it. Without it, a dict in definition order
+        is walked in its own order and a sorted one is paired by names and channel counts (the
+        module docstring's rules 2 and 3).
+      warn: ignored, kept for compatibility: a BatchNorm that cannot be paired with certainty now
+        raises :class:`AmbiguousLayoutError` instead of a warning.
 
     Returns:
       The static :data:`EnergyLayout`.
+
+    Raises:
+      AmbiguousLayoutError: (a ``ValueError``) without ``module_order``, when the dict does not
+        tell which layer a BatchNorm follows; the message says how to pass ``module_order``.
     """
+    del warn
     if layers not in ("conv_bn", "all"):
         raise ValueError(f"layers must be 'conv_bn' or 'all', got {layers!r}")
     params, stats = _collections(variables)
     found = _collect_layers(params, stats)
-    if module_order is not None:
+    scored = {"conv"} if layers == "conv_bn" else {"conv", "dense"}
+    if module_order is not None:  # rule 1
         rank = {tuple(str(p) for p in path): i for i, path in enumerate(module_order)}
         big = len(rank)
         found = sorted(found, key=lambda f: rank.get(f[1], big))  # stable: unknown keep dict order
+        pairs, _ = _pair_adjacent(found)
+    elif not _keys_sorted(params):  # rule 2: definition order
+        pairs, unpaired = _pair_adjacent(found)
+        free = [f for f in found if f[0] in scored and f[1] not in pairs]
+        problems = [
+            f"BatchNorm {_path_str(path)} ({n} channels) follows no layer of its channel count "
+            "in the dict's order, while layers of that count have none: "
+            + ", ".join(_path_str(f[1]) for f in free if f[2] == n)
+            for _, path, n in unpaired
+            if any(f[2] == n for f in free)
+        ]
+        if problems:
+            raise AmbiguousLayoutError(
+                "backdoor energy: the variables dict is neither sorted nor, it seems, in "
+                "definition order: " + "; ".join(problems) + ". " + _HOW_TO
+            )
+    else:  # rule 3: sorted, order unknown
+        found = sorted(found, key=lambda f: _natural_key(f[1]))
+        pairs = _pair_by_rules(found, scored)
 
-    out: list[EnergyLayer] = []
-    unpaired_bn = 0
-    prev: tuple[str, Path, int] | None = None
-    for kind, path, feats in found:
-        if kind == "bn":
-            if prev is not None and prev[0] in ("conv", "dense") and prev[2] == feats:
-                i = next(j for j, layer in enumerate(out) if layer.path == prev[1])
-                out[i] = out[i]._replace(norm=path)
-                prev = None  # this layer is now paired
-                continue
-            unpaired_bn += 1
-            prev = None
-            continue
-        out.append(EnergyLayer(kind, path, None, feats if kind == "conv" else 1))
-        prev = (kind, path, feats)
-    if warn and unpaired_bn and any(layer.kind == "conv" and layer.norm is None for layer in out):
-        warnings.warn(
-            f"backdoor energy: {unpaired_bn} BatchNorm layer(s) follow no convolution in the order "
-            "walked, while some convolutions have no BatchNorm. JAX sorts dict keys when it rebuilds "
-            "a tree, so the variables may have lost their definition order: pass "
-            "layout=energy_layout(variables, module_order=module_call_order(model, x)).",
-            stacklevel=2,
-        )
-    if layers == "conv_bn":
-        out = [layer for layer in out if layer.kind == "conv"]
+    out = [
+        EnergyLayer(kind, path, pairs.get(path), feats if kind == "conv" else 1)
+        for kind, path, feats in found
+        if kind in scored
+    ]
     return tuple(out)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from marsjax.defenses.energy import (
+    AmbiguousLayoutError,
     backdoor_energy,
     cbe_counts,
     cbe_size,
@@ -18,7 +21,7 @@ from marsjax.defenses.energy import (
     layout_channel_counts,
     module_call_order,
 )
-from marsjax.models import ResNet18, SimpleNet
+from marsjax.models import ResNet18, SimpleNet, build_model
 
 RTOL = 1e-5
 jit_be = jax.jit(backdoor_energy, static_argnames=("layers", "layout"))
@@ -180,14 +183,16 @@ def test_plain_user_flax_stack_conv_bn():
     )
     assert_rel(be[2], ref_conv_be(p["Conv_2"]["kernel"]))
 
-    # A dict rebuilt by JAX has sorted keys: the module call order recovers the layout, and the
-    # dict-order walk warns instead of silently pairing wrong layers.
+    # A dict rebuilt by JAX has sorted keys: the module call order recovers the layout. Without
+    # it, BatchNorm_1 (16 channels) may follow Conv_1 or Conv_2 (both 16): an error, not a guess.
     sorted_v = jax.tree.map(lambda a: a, v)
     order = module_call_order(model, x)
     assert [
         (l.kind, l.path, l.norm) for l in energy_layout(sorted_v, module_order=order)
     ] == want_layout
-    with pytest.warns(UserWarning, match="definition order"):
+    with pytest.raises(
+        AmbiguousLayoutError, match="BatchNorm_1 .* follow params/Conv_1 or params/Conv_2"
+    ):
         energy_layout(sorted_v)
 
 
@@ -236,6 +241,248 @@ def test_resnet18_be_cbe_end_to_end():
         for name in layer.norm:
             bn_p, bn_s = bn_p[name], bn_s[name]
         assert_rel(be[i], ref_conv_be(kern["kernel"], bn_p["scale"], bn_s["var"]))
+
+
+# ------------------------------------------------------------ sorted dicts (lost definition order)
+HOW_TO = (
+    "layout = energy_layout(variables, module_order=module_call_order(model, x))",
+    "backdoor_energy(variables, layout=layout)",
+)
+
+
+def randomized(tree, rng: np.random.Generator):
+    """Same dict order, new values: kernels N(0, 0.1), BN scale N(0, 1), running var U(0.05, 4)."""
+
+    def fill(node: Mapping) -> dict:
+        out = {}
+        for name, leaf in node.items():
+            if isinstance(leaf, Mapping):
+                out[name] = fill(leaf)
+            elif name == "var":
+                out[name] = jnp.asarray(rng.uniform(0.05, 4.0, leaf.shape), jnp.float32)
+            elif name == "scale":
+                out[name] = jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32)
+            else:
+                out[name] = jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32)
+        return out
+
+    return fill(tree)
+
+
+def in_call_order(tree: Mapping, order, prefix=()) -> dict:
+    """``tree`` with every dict's keys in the modules' call order (the order of an eager init)."""
+    rank = {path: i for i, path in enumerate(order)}
+    names = sorted(tree, key=lambda n: rank.get(prefix + (n,), len(rank)))
+    return {
+        n: in_call_order(tree[n], order, prefix + (n,)) if isinstance(tree[n], Mapping) else tree[n]
+        for n in names
+    }
+
+
+def numpy_be(v, pairs):
+    """Independent reference: one float64 numpy SVD per channel of each (conv, BN or None)."""
+    out = []
+    for conv, bn in pairs:
+        kernel = v["params"]
+        for name in conv:
+            kernel = kernel[name]
+        if bn is None:
+            out.append(ref_conv_be(np.asarray(kernel["kernel"])))
+            continue
+        scale, stats = v["params"], v["batch_stats"]
+        for name in bn:
+            scale, stats = scale[name], stats[name]
+        out.append(ref_conv_be(np.asarray(kernel["kernel"]), scale["scale"], stats["var"]))
+    return out
+
+
+def assert_same_be(got, want_arrays, reference):
+    assert len(got) == len(want_arrays) == len(reference)
+    for g, w, r in zip(got, want_arrays, reference):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert_rel(g, r)
+
+
+def test_sorted_simplenet_bn_gives_the_definition_order_values():
+    model = build_model("simplenet", 10, batch_norm=True)
+    x = jnp.zeros((1, 28, 28, 1))
+    v = randomized(model.init(jax.random.key(0), x), np.random.default_rng(21))  # eager: def. order
+    sorted_v = jax.tree.map(lambda a: a, v)
+    assert list(sorted_v["params"]) == ["bn1", "bn2", "conv1", "conv2", "fc1", "fc2"]
+    order = module_call_order(model, x)
+    assert list(in_call_order(sorted_v["params"], order)) == list(v["params"])  # helper check
+
+    by_order = energy_layout(sorted_v, module_order=order)
+    pairs = [(("conv1",), ("bn1",)), (("conv2",), ("bn2",))]
+    assert [(l.path, l.norm) for l in by_order] == pairs
+    assert energy_layout(sorted_v) == by_order == energy_layout(v)
+
+    reference = numpy_be(v, pairs)
+    unscaled = numpy_be(v, [(c, None) for c, _ in pairs])
+    for r, u in zip(reference, unscaled):  # the BatchNorm gains matter: pairing is tested
+        assert np.max(np.abs(r / u - 1)) > 0.5
+    want = jit_be(sorted_v, layout=by_order)
+    assert_same_be(jit_be(sorted_v), want, reference)
+    assert_same_be(jit_be(v), want, reference)
+
+
+def resnet18_pairs(widths):
+    pairs = [(("conv1",), ("bn1",))]
+    for i in range(len(widths)):
+        for j in range(2):
+            block = f"layer{i + 1}_{j}"
+            pairs += [((block, "conv1"), (block, "bn1")), ((block, "conv2"), (block, "bn2"))]
+            if i > 0 and j == 0:  # stride 2: downsample branch
+                pairs.append(((block, "downsample_conv"), (block, "downsample_bn")))
+    return pairs
+
+
+def test_sorted_resnet18_gives_the_call_order_values():
+    widths = (8, 16, 16, 32)  # narrow, and two stages of 16 channels: counts cannot decide
+    model = ResNet18(10, "cifar", widths=widths)
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    sorted_v = randomized(shapes, np.random.default_rng(22))
+    assert list(sorted_v["params"])[:3] == ["bn1", "conv1", "fc"]
+    assert list(sorted_v["params"]["layer2_0"]) == [
+        "bn1", "bn2", "conv1", "conv2", "downsample_bn", "downsample_conv"
+    ]  # fmt: skip
+    order = module_call_order(model, x)
+    definition_v = {k: in_call_order(t, order) for k, t in sorted_v.items()}
+
+    by_order = energy_layout(sorted_v, module_order=order)
+    pairs = resnet18_pairs(widths)
+    assert len(pairs) == 20
+    assert [(l.path, l.norm) for l in by_order] == pairs
+    assert energy_layout(sorted_v) == by_order == energy_layout(definition_v)
+
+    reference = numpy_be(sorted_v, pairs)
+    want = jit_be(sorted_v, layout=by_order)
+    assert_same_be(jit_be(sorted_v), want, reference)
+    assert_same_be(jit_be(definition_v), want, reference)
+    all_layers = energy_layout(sorted_v, layers="all")
+    assert [l.path for l in all_layers if l.kind == "dense"] == [("fc",)]
+    assert [l for l in all_layers if l.kind == "conv"] == list(by_order)
+
+
+class AutoNamedNet(nn.Module):
+    """flax automatic names only: 11 conv+BN pairs of 4 channels, a 6-channel conv without BN."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for _ in range(11):  # Conv_10 sorts before Conv_2
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Conv(6, (1, 1))(x)
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
+def test_sorted_flax_automatic_names_pair_by_index():
+    model = AutoNamedNet()
+    x = jax.ShapeDtypeStruct((1, 5, 5, 2), jnp.float32)
+    sorted_v = randomized(
+        jax.eval_shape(model.init, jax.random.key(0), x), np.random.default_rng(23)
+    )
+    by_order = energy_layout(sorted_v, module_order=module_call_order(model, x))
+    pairs = [((f"Conv_{i}",), (f"BatchNorm_{i}",)) for i in range(11)] + [(("Conv_11",), None)]
+    assert [(l.path, l.norm) for l in by_order] == pairs
+    assert energy_layout(sorted_v) == by_order  # same pairs, same (natural) layer order
+    assert_same_be(jit_be(sorted_v), jit_be(sorted_v, layout=by_order), numpy_be(sorted_v, pairs))
+
+
+def hand_dict(layers, order=None):
+    """A hand-made variables dict: ``layers`` maps a path to ("conv"|"dense"|"bn", channels)."""
+    rng = np.random.default_rng(24)
+    params, stats = {}, {}
+    for path in order or sorted(layers):
+        kind, c = layers[path]
+        p, s = params, stats
+        for name in path[:-1]:
+            p, s = p.setdefault(name, {}), s.setdefault(name, {})
+        if kind == "conv":
+            p[path[-1]] = {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, c)), jnp.float32)}
+        elif kind == "dense":
+            p[path[-1]] = {"kernel": jnp.asarray(rng.standard_normal((5, c)), jnp.float32)}
+        else:
+            p[path[-1]] = {"bias": jnp.zeros(c), "scale": jnp.asarray(rng.standard_normal(c))}
+            s[path[-1]] = {"mean": jnp.zeros(c), "var": jnp.asarray(rng.uniform(0.1, 3.0, c))}
+    return {"params": params, "batch_stats": stats}
+
+
+@pytest.mark.parametrize(
+    "layers,pairs",
+    [
+        (  # names: conv token <-> BatchNorm token, or the layer's name + a BatchNorm token
+            {("a", "conv1"): ("conv", 4), ("a", "norm1"): ("bn", 4), ("stem",): ("conv", 4),
+             ("stem_bn",): ("bn", 4), ("b_conv",): ("conv", 4), ("b_bn",): ("bn", 4)},
+            [(("a", "conv1"), ("a", "norm1")), (("b_conv",), ("b_bn",)), (("stem",), ("stem_bn",))],
+        ),
+        (  # unique channel counts
+            {("conv_a",): ("conv", 4), ("conv_b",): ("conv", 6), ("norm_x",): ("bn", 6),
+             ("norm_y",): ("bn", 4)},
+            [(("conv_a",), ("norm_y",)), (("conv_b",), ("norm_x",))],
+        ),
+    ],
+)  # fmt: skip
+def test_sorted_hand_made_dicts_that_names_or_counts_decide(layers, pairs):
+    v = hand_dict(layers)
+    assert [(l.path, l.norm) for l in energy_layout(v)] == pairs
+    assert_same_be(jit_be(v), jit_be(v, layout=energy_layout(v)), numpy_be(v, pairs))
+
+
+@pytest.mark.parametrize(
+    "layers,order,culprit",
+    [
+        (  # two 16-channel convs, BatchNorm names that match neither
+            {("conv_a",): ("conv", 16), ("conv_b",): ("conv", 16), ("norm_x",): ("bn", 16),
+             ("norm_y",): ("bn", 16)},
+            None,
+            "norm_x",
+        ),
+        (  # the same, unsorted but not in a plausible order: the dict walk leaves norm_y alone
+            {("conv_a",): ("conv", 16), ("conv_b",): ("conv", 16), ("norm_x",): ("bn", 16),
+             ("norm_y",): ("bn", 16)},
+            [("conv_b",), ("conv_a",), ("norm_x",), ("norm_y",)],
+            "norm_y",
+        ),
+        (  # automatic names: BatchNorm_0 may follow Conv_0 or Conv_1
+            {("Conv_0",): ("conv", 16), ("Conv_1",): ("conv", 16), ("BatchNorm_0",): ("bn", 16)},
+            None,
+            "BatchNorm_0",
+        ),
+        (  # BatchNorm_0 by index follows Conv_0, but may follow the conv of the child block
+            {("Conv_0",): ("conv", 16), ("BatchNorm_0",): ("bn", 16),
+             ("Block_0", "Conv_0"): ("conv", 16)},
+            None,
+            "Block_0/Conv_0",
+        ),
+    ],
+)  # fmt: skip
+def test_ambiguous_pairing_raises_with_the_how_to(layers, order, culprit):
+    v = hand_dict(layers, order)
+    for call in (lambda: energy_layout(v), lambda: backdoor_energy(v), lambda: jit_be(v)):
+        with pytest.raises(AmbiguousLayoutError) as err:
+            call()
+        assert isinstance(err.value, ValueError)
+        message = str(err.value)
+        assert culprit in message
+        for text in HOW_TO:
+            assert text in message, message
+    # an explicit layout is always taken as given
+    layout = energy_layout(v, module_order=list(layers))
+    assert len(jit_be(v, layout=layout)) == len(layout) > 0
+
+
+def test_a_batchnorm_only_dense_layers_could_take_blocks_only_all_layers():
+    # BatchNorm_0 (4) follows Dense_0 or Dense_1: no conv value depends on it, "all" ones do.
+    v = hand_dict(
+        {("conv1",): ("conv", 8), ("bn1",): ("bn", 8), ("Dense_0",): ("dense", 4),
+         ("Dense_1",): ("dense", 4), ("BatchNorm_0",): ("bn", 4)}
+    )  # fmt: skip
+    assert [(l.path, l.norm) for l in energy_layout(v)] == [(("conv1",), ("bn1",))]
+    assert_rel(jit_be(v)[0], numpy_be(v, [(("conv1",), ("bn1",))])[0])
+    with pytest.raises(AmbiguousLayoutError, match="Dense_0 or params/Dense_1"):
+        energy_layout(v, layers="all")
 
 
 # ----------------------------------------------------------------------------- CBE
