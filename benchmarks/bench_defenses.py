@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import pathlib
@@ -87,6 +86,7 @@ def run_case(defense: str, model_name: str, clients: int, repeats: int, options:
 
     from marsjax import defenses
     from marsjax.client import make_normalize
+    from marsjax.config import TrainConfig
     from marsjax.models import build_model
 
     shape, kw = MODELS[model_name]
@@ -104,6 +104,10 @@ def run_case(defense: str, model_name: str, clients: int, repeats: int, options:
         num_classes=10,
         image_shape=shape,
         normalize=norm,
+        server_rule="mean",
+        server_lr=1.0,
+        eta=0.8,
+        train=TrainConfig(),
         server_data=(server[0], server[1].astype(np.int32)),
     )
     g = model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32))
@@ -124,9 +128,7 @@ def run_case(defense: str, model_name: str, clients: int, repeats: int, options:
     updates = jax.block_until_ready(make_updates(jax.random.key(1)))
     weights = jnp.ones((clients,), jnp.float32)
     state = d.init(g)
-    extra = {}
-    if "client_ids" in inspect.signature(d.apply).parameters:
-        extra["client_ids"] = jnp.arange(clients, dtype=jnp.int32)
+    extra = {"client_ids": jnp.arange(clients, dtype=jnp.int32)}
     key = jax.random.key(2)
 
     fn = jax.jit(d.apply)

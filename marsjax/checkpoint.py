@@ -139,7 +139,16 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
     >>> config_diff({"run": {"seed": 0, "rounds": 5}}, {"run": {"seed": 1, "rounds": 5}})
     ['run.seed']
+
+    The provenance a results folder's ``config.json`` carries (``commit``, ``dirty``,
+    ``provenance``: :mod:`marsjax.provenance`) is not part of the config and is ignored.
     """
+    from marsjax.provenance import PROVENANCE_KEYS
+
+    saved, current = (
+        {k: v for k, v in d.items() if k not in PROVENANCE_KEYS} if isinstance(d, dict) else d
+        for d in (saved, current)
+    )
     a, b = _flatten_dict(_canonical(saved)), _flatten_dict(_canonical(current))
     same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
     return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not same(a[k], b[k]))

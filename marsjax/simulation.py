@@ -11,7 +11,9 @@ and writes the results folder.
 Randomness (DESIGN principle 5): everything derives from ``run.seed``. The partition uses its own
 numpy stream; the round key is ``fold_in(key(seed), round)``, split by fixed stream numbers into
 sampling, training, attack and defense keys, so changing the attack does not change which
-clients are sampled, and a resumed run continues identically.
+clients are sampled, and a resumed run continues identically. A client's training key is the
+training key folded with its id, and the defense receives the ids of the rows: nothing depends
+on the row a client lands in.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marsjax import aggregation, attacks, defenses, sharding
+from marsjax import aggregation, attacks, defenses, provenance, sharding
 from marsjax.client import ClientData, make_local_train, make_normalize
 from marsjax.config import ExperimentConfig, to_dict, validate
 from marsjax.data import Dataset, dirichlet_partition, iid_partition, load_dataset, pattern_trigger
@@ -234,6 +236,10 @@ def build(
         num_classes=ds.num_classes,
         image_shape=ds.image_shape,
         normalize=normalize,
+        server_rule=r.server_rule,
+        server_lr=r.server_lr,
+        eta=r.eta,
+        train=t,
         server_data=server_data,
     )
     defense = defenses.make(cfg.defense.name, dctx, **cfg.defense.options)
@@ -296,7 +302,8 @@ def build(
         idx = data.indices[ids]
         counts = data.counts[ids]
         g = state.global_variables
-        keys = jax.random.split(k_train, m)
+        # A client's training key follows its id, not its row (rows are shuffled every round).
+        keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(ids)
         trained, losses = train_block(keys, idx, counts, is_attacking, g, state.attack_state, data)
         updates = jax.tree.map(lambda n, g0: n - g0[None], trained, g)
 
@@ -325,7 +332,12 @@ def build(
         weights = jnp.where(finite, weights, 0.0)
         updates = zero_rows(updates, finite)
         result, defense_state = defense.apply(
-            k_defense, updates, state.defense_state, global_variables=g, client_weights=weights
+            k_defense,
+            updates,
+            state.defense_state,
+            global_variables=g,
+            client_weights=weights,
+            client_ids=ids,
         )
         accepted = jnp.where(finite, result.accepted, 0.0)
         scale = aggregation.rule_scale(
@@ -458,7 +470,9 @@ def run(
     """Runs ``cfg`` to the end and returns ``{"summary", "records", "state", "sim"}``.
 
     Writes, when ``cfg.run.out_dir`` is set: ``config.json`` (resolved), ``metrics.jsonl`` (one
-    line per round), ``summary.json``, ``summary.md`` and ``curves.png``.
+    line per round), ``summary.json``, ``summary.md`` and ``curves.png``. ``config.json`` and
+    ``summary.json`` record where the result came from (:mod:`marsjax.provenance`: ``commit``,
+    ``dirty``, package versions, the command).
 
     Args:
       cfg: the experiment.
@@ -472,9 +486,11 @@ def run(
     records = list(records or [])
     r = cfg.run
     out = pathlib.Path(r.out_dir) if r.out_dir else None
+    prov = provenance.provenance()
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        record = provenance.with_provenance(to_dict(cfg), prov)
+        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -513,6 +529,7 @@ def run(
     summary["defense"] = cfg.defense.name
     summary["rounds"] = _round_of(state)
     summary["wall_s"] = time.perf_counter() - t0
+    summary = provenance.with_provenance(summary, prov)
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from marsjax import report

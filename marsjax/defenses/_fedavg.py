@@ -13,7 +13,8 @@ __all__ = ["fedavg"]
 def fedavg() -> Defense:
     """No defense: every client with a non-zero weight is accepted."""
 
-    def apply(key, updates, state, *, global_variables, client_weights):
+    def apply(key, updates, state, *, global_variables, client_weights, client_ids=None):
+        del key, global_variables, client_ids
         accepted = (client_weights > 0).astype(jnp.float32)
         update = weighted_mean(updates, client_weights)
         return DefenseResult(update, accepted, jnp.zeros_like(accepted)), state

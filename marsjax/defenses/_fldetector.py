@@ -23,9 +23,9 @@ Adaptations to a sampled federation (the paper lets every client take part every
   paper), in every later round; the paper's restart of training is not reproduced.
 
 Updates are the paper's "gradients" (the 3DFed code uses the local models' weights instead).
-The defense needs client identities across rounds: ``apply`` takes ``client_ids`` (``int32 [N]``);
-without them row ``i`` is taken to be client ``i`` (correct only when every client takes part
-every round in a fixed order). The state keeps ``[num_clients, D]`` previous updates: ``layers``
+The defense needs client identities across rounds: ``apply`` takes ``client_ids`` (``int32 [N]``,
+the simulator passes the round's sampled ids) and keys every per-client array by id; it refuses
+to run without them (the round's rows are shuffled, so a row index is not a client). The state keeps ``[num_clients, D]`` previous updates: ``layers``
 restricts ``D`` (``"params"`` by default; ``"output"`` for very large models).
 """
 
@@ -163,15 +163,16 @@ def fldetector(
         )
 
     def apply(
-        key, updates, state: FLDetectorState, *, global_variables, client_weights, client_ids=None
+        key, updates, state: FLDetectorState, *, global_variables, client_weights, client_ids
     ):
+        if client_ids is None:
+            raise ValueError(
+                "fldetector keeps per-client state: apply(..., client_ids=int32 [N]) is "
+                "required (the round's rows are shuffled, a row index is not a client)"
+            )
         valid, clean, w = prepare(updates, client_weights)
         n = w.shape[0]
-        ids = (
-            jnp.arange(n, dtype=jnp.int32)
-            if client_ids is None
-            else jnp.asarray(client_ids, jnp.int32)
-        )
+        ids = jnp.asarray(client_ids, jnp.int32)
         t = state.round
         g = flat_rows(clean, layers, output_layer)  # [n, D]
         w_t = flat_tree(global_variables).astype(jnp.float32)

@@ -13,9 +13,9 @@ trust weights without rescaling. ``accepted`` is ``TS_i > 0`` (a client with a n
 gets weight 0); ``scores`` is ``1 - cos(g_i, g0)``.
 
 The root data comes from ``DefenseContext.server_data`` (``x`` uint8 ``[n, H, W, C]``, ``y`` int32
-``[n]``; the paper uses 100 samples). The server's local training defaults to the paper setting
-of the clients (SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 64, 2 epochs) unless
-``DefenseContext`` carries a ``train`` config, whose values are then used.
+``[n]``; the paper uses 100 samples). The server's local training is the clients' (``DefenseContext.train``,
+filled by the simulator from the experiment's ``train`` section, as the paper trains the server
+like a client); each of its fields can be overridden by the option of the same name.
 """
 
 from __future__ import annotations
@@ -164,12 +164,10 @@ def _build(
             "fltrust needs root data: DefenseContext.server_data = (x uint8 [n, H, W, C], "
             "y int32 [n]) (the paper uses 100 clean samples)"
         )
-    t = getattr(ctx, "train", None)
+    t = ctx.train
 
-    def pick(value, name, default):
-        if value is not None:
-            return value
-        return getattr(t, name, default) if t is not None else default
+    def pick(value, name):
+        return getattr(t, name) if value is None else value
 
     x, y = ctx.server_data
     return fltrust(
@@ -177,10 +175,10 @@ def _build(
         ctx.normalize,
         x,
         y,
-        lr=pick(lr, "lr", 0.1),
-        momentum=pick(momentum, "momentum", 0.9),
-        weight_decay=pick(weight_decay, "weight_decay", 5e-4),
-        batch_size=pick(batch_size, "batch_size", 64),
-        local_epochs=pick(local_epochs, "local_epochs", 2),
-        local_steps=pick(local_steps, "local_steps", None),
+        lr=pick(lr, "lr"),
+        momentum=pick(momentum, "momentum"),
+        weight_decay=pick(weight_decay, "weight_decay"),
+        batch_size=pick(batch_size, "batch_size"),
+        local_epochs=pick(local_epochs, "local_epochs"),
+        local_steps=pick(local_steps, "local_steps"),
     )

@@ -16,9 +16,13 @@ paper's rule, mars_spec §2.1); the aggregate is the ``wv``-weighted mean, so th
 ``sum_i wv_i * delta_i`` is recovered by the ``sum`` server rule. ``scores`` is ``v_i`` (before
 pardoning).
 
-History needs client identities across rounds: ``apply`` takes ``client_ids`` (``int32 [N]``) and
-keeps ``H`` as ``[num_clients, D]`` in the state. When the caller passes no ids the defense is
-memoryless (``H_i`` = this round's update), the only correct choice when rows are shuffled. The
+History needs client identities across rounds: ``apply`` takes ``client_ids`` (``int32 [N]``, the
+simulator passes the round's sampled ids) and keeps ``H`` as ``[num_clients, D]`` in the state,
+indexed by id: a client's history follows it whatever row it lands in. ``apply`` refuses to run
+without ids (rows are shuffled every round, so a row index is not a client). As in the 3DFed
+code, ``H_i`` is the sum of client ``i``'s updates over the rounds it took part in, this round's
+included; the similarities are computed among the round's clients (3DFed lets every client take
+part in every round, where the two coincide). The
 optional importance weighting of output-layer features from the paper is not implemented (the
 3DFed/MARS baselines do not use it).
 """
@@ -110,17 +114,18 @@ def foolsgold(
         d = _dim(global_variables, layers, output_layer)
         return FoolsGoldState(jnp.zeros((num_clients, d), jnp.float32))
 
-    def apply(key, updates, state, *, global_variables, client_weights, client_ids=None):
+    def apply(key, updates, state, *, global_variables, client_weights, client_ids):
         del key, global_variables
+        if client_ids is None:
+            raise ValueError(
+                "foolsgold keeps a history per client: apply(..., client_ids=int32 [N]) is "
+                "required (the round's rows are shuffled, a row index is not a client)"
+            )
         valid, clean, w = prepare(updates, client_weights)
         feats = flat_rows(clean, layers, output_layer)
-        if client_ids is None:
-            hist = state.history
-            cur = feats
-        else:
-            ids = jnp.asarray(client_ids, jnp.int32)
-            hist = state.history.at[ids].add(jnp.where(valid[:, None], feats, 0.0))
-            cur = hist[ids]
+        ids = jnp.asarray(client_ids, jnp.int32)
+        hist = state.history.at[ids].add(jnp.where(valid[:, None], feats, 0.0))
+        cur = hist[ids]
         wv, maxcs = foolsgold_weights(cur, valid, confidence=confidence, epsilon=epsilon)
         update = masked_weighted_mean(clean, w * wv)
         accepted, scores = finish(wv, maxcs, valid)

@@ -29,8 +29,10 @@ indicator needs. ``"noise"`` uses uniform random images instead.
 marsjax round applies ``global += scale * update`` after the defense, and has no broadcast hook,
 so this defense plants the indicator at the end of round ``t`` through its returned update:
 ``update = agg + delta / scale``, where ``delta`` is the implant on ``global + scale * agg`` and
-``scale`` the server rule's factor (``server_rule``/``server_lr``/``eta``, read from
-``DefenseContext.run`` when the simulator provides it). The model that clients receive in round
+``scale`` the server rule's factor (``DefenseContext.server_rule``/``server_lr``/``eta``, which
+the simulator fills from ``run``; the options of the same names override them). Under the
+official ``sum`` rule the factor is ``eta / num_clients`` times the accepted weight, e.g. about
+0.13 with 16 of 20 clients accepted out of 100, and the implant is divided by it. The model that clients receive in round
 ``t + 1`` is exactly the paper's; the first round has no indicator yet, so round 0 accepts every
 valid upload. ACC/ASR are then measured on models that carry the indicator, as the paper's
 broadcast models do.
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from marsjax.aggregation import rule_scale
 from marsjax.client import sgd
 from marsjax.defenses._robust_utils import (
     clip_factors,
@@ -229,10 +232,14 @@ def backdoor_indicator(
         else:
             clean_c = clean
         agg = masked_weighted_mean(clean_c, w * accepted)
-        if server_rule == "mean":
-            scale = jnp.float32(server_lr)
-        else:
-            scale = jnp.float32(eta / num_clients) * jnp.sum(accepted * (w > 0))
+        # The factor the round will apply (simulation: rule_scale of the accepted weight).
+        scale = rule_scale(
+            server_rule,
+            jnp.sum(accepted * (w > 0)),
+            server_lr=server_lr,
+            eta=eta,
+            num_clients=num_clients,
+        )
         ok = scale > 0
         safe = jnp.where(ok, scale, 1.0)
         m = jax.tree.map(lambda g, a: g + safe * a, global_variables, agg)
@@ -264,13 +271,6 @@ def _build(
     eta: float | None = None,
     seed: int = 0,
 ) -> Defense:
-    run = getattr(ctx, "run", None)
-
-    def pick(value, name, default):
-        if value is not None:
-            return value
-        return getattr(run, name, default) if run is not None else default
-
     return backdoor_indicator(
         ctx.model,
         ctx.normalize,
@@ -286,9 +286,9 @@ def _build(
         noise_percent=noise_percent,
         noise_scale=noise_scale,
         clip=clip,
-        server_rule=pick(server_rule, "server_rule", "mean"),
-        server_lr=pick(server_lr, "server_lr", 1.0),
-        eta=pick(eta, "eta", 0.8),
+        server_rule=ctx.server_rule if server_rule is None else server_rule,
+        server_lr=ctx.server_lr if server_lr is None else server_lr,
+        eta=ctx.eta if eta is None else eta,
         num_clients=ctx.num_clients,
         seed=seed,
     )

@@ -56,6 +56,7 @@ class DefenseApplyFn(Protocol):
         *,
         global_variables: Variables,
         client_weights: jax.Array,
+        client_ids: jax.Array,
     ) -> tuple[DefenseResult, DefenseState]:
         """Decides whom to accept and aggregates.
 
@@ -68,6 +69,10 @@ class DefenseApplyFn(Protocol):
           client_weights: ``[N]`` float32 FedAvg weights (uniform, or by sample count); a 0 marks
             a row the round already dropped (non-finite upload): it must get ``accepted = 0`` and
             must not influence the others.
+          client_ids: ``[N]`` int32 federation ids of the rows (the round shuffles its rows, so
+            row ``i`` is a different client every round). The simulator always passes them;
+            defenses with per-client state (FoolsGold's history, FLDetector's last updates) key
+            it by id, never by row, and refuse to run without ids.
         """
         ...
 
@@ -82,6 +87,9 @@ class Defense(NamedTuple):
 class DefenseContext(NamedTuple):
     """Static facts a defense factory may need, given by the simulator (Python values).
 
+    Every fact is a declared field that the simulator fills from the config; a defense reads
+    the field, never a default of its own in its place.
+
     Attributes:
       model: the flax module (for defenses that run the model, e.g. DeepSight, FLTrust).
       num_clients: total clients in the federation.
@@ -91,6 +99,14 @@ class DefenseContext(NamedTuple):
       num_classes: output size.
       image_shape: ``(H, W, C)``.
       normalize: ``uint8 images -> float32 model inputs``.
+      server_rule: how the server applies the aggregate (``marsjax.aggregation.rule_scale``):
+        ``"mean"`` (``global += server_lr * update``) or ``"sum"`` (``global += eta /
+        num_clients * sum of accepted updates``, the official code). Defenses that act on the
+        next global model (BackdoorIndicator plants its task through the update) need it.
+      server_lr: the ``mean`` rule's step.
+      eta: the ``sum`` rule's server learning rate.
+      train: the benign clients' :class:`~marsjax.config.TrainConfig` (FLTrust trains its
+        server update with it).
       server_data: optional ``(x uint8 [n, H, W, C], y int32 [n])`` clean data held by the server
         (FLTrust root data, BackdoorIndicator), or ``None``.
     """
@@ -102,4 +118,8 @@ class DefenseContext(NamedTuple):
     num_classes: int
     image_shape: tuple[int, int, int]
     normalize: Callable[[jax.Array], jax.Array]
+    server_rule: str
+    server_lr: float
+    eta: float
+    train: Any
     server_data: tuple[Any, Any] | None = None

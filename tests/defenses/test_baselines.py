@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 
 from marsjax.client import make_normalize
+from marsjax.config import TrainConfig
 from marsjax.data import load_dataset
 from marsjax.defenses import (
     _deepsight,
@@ -65,6 +66,7 @@ def _run(defense, updates, weights=None, global_variables=None, key=KEY, state=N
         global_variables = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), updates)
     w = jnp.ones(n) if weights is None else jnp.asarray(weights, jnp.float32)
     st = defense.init(global_variables) if state is None else state
+    kw.setdefault("client_ids", jnp.arange(n, dtype=jnp.int32))
     fn = _JITTED.setdefault(id(defense), (defense, jax.jit(defense.apply)))[1]
     res, st = fn(key, updates, st, global_variables=global_variables, client_weights=w, **kw)
     return res, st
@@ -568,7 +570,7 @@ def test_fltrust_build_needs_root_data():
     from marsjax.defenses import DefenseContext, make
 
     model, _, norm = _mlp_setup()
-    ctx = DefenseContext(model, 10, 10, 2, 10, (8, 8, 1), norm, None)
+    ctx = DefenseContext(model, 10, 10, 2, 10, (8, 8, 1), norm, "mean", 1.0, 0.8, TrainConfig(), None)
     with pytest.raises(ValueError, match="root data"):
         make("fltrust", ctx)
 

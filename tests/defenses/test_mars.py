@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from marsjax.config import TrainConfig
 from marsjax.defenses._mars import MarsState, _build, _build_star, mars, model_energy_layout
 from marsjax.defenses.base import DefenseContext
 
@@ -40,6 +41,10 @@ CTX = DefenseContext(
     num_classes=10,
     image_shape=IMAGE_SHAPE,
     normalize=lambda x: x.astype(jnp.float32) / 255.0,
+    server_rule="mean",
+    server_lr=1.0,
+    eta=0.8,
+    train=TrainConfig(),
 )
 
 

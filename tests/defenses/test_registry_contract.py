@@ -19,7 +19,7 @@ import pytest
 
 from marsjax import attacks, defenses, simulation
 from marsjax.client import make_normalize
-from marsjax.config import get_preset, override
+from marsjax.config import TrainConfig, get_preset, override
 from marsjax.data import load_dataset
 from marsjax.models import build_model
 
@@ -59,6 +59,10 @@ def setup():
         num_classes=ds.num_classes,
         image_shape=ds.image_shape,
         normalize=norm,
+        server_rule="mean",
+        server_lr=1.0,
+        eta=0.8,
+        train=TrainConfig(),
         server_data=(ds.x_train[:32], ds.y_train[:32]),
     )
     g = model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape), jnp.float32))
@@ -98,7 +102,14 @@ def _apply(name, setup, updates, weights=None, key=0):
     g = setup["g"]
     state = d.init(g)
     w = jnp.ones(N) if weights is None else jnp.asarray(weights, jnp.float32)
-    res, new_state = fn(jax.random.key(key), updates, state, global_variables=g, client_weights=w)
+    res, new_state = fn(
+        jax.random.key(key),
+        updates,
+        state,
+        global_variables=g,
+        client_weights=w,
+        client_ids=jnp.arange(N, dtype=jnp.int32),
+    )
     return res, state, new_state
 
 
