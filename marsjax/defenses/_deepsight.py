@@ -26,7 +26,13 @@ All HDBSCAN runs happen in one host callback (:class:`sklearn.cluster.HDBSCAN` v
 
 Deviations: the public implementations (3DFed, BackdoorIndicator) have bugs in this defense (a
 global output that is a module, an all-ones distance matrix, noise points merged into one
-cluster); this follows the paper. The random inputs are drawn once per seed from
+cluster); this follows the paper. The MARS code's compiled baseline
+(``defenses/__pycache__/deepsight.cpython-38.pyc``, read by disassembly) has two more, not
+reproduced: its cosine distances are computed on the output layer of ONE model (the loop over the
+clients loads each update file but reads the parameters of the ``local_model`` left over from
+the DDif loop, so every row is the same model and all cosine distances are 0), and each seed's
+DDifs are clustered flattened (``np.reshape(DDifs[i], (-1, 1))``: every client x class value is a
+point of its own, instead of one point per client). The random inputs are drawn once per seed from
 ``jax.random.key(seed)`` (fixed across rounds, like the official seeding). ``scores`` is
 ``1 - TE / median(TE)`` (``>= 0.5`` means "suspicious").
 """

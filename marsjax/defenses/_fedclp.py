@@ -18,6 +18,16 @@ Extension for networks without BatchNorm (the paper's MNIST SimpleNet): a convol
 partner uses the unscaled kernel norm and is pruned by zeroing its output channel (kernel slice
 and bias). Dense layers are never pruned (CLP only scores convolutions), so an MLP is plain FedAvg.
 
+**The MARS code's FedCLP is not reproduced on purpose.** Its compiled baseline
+(``defenses/__pycache__/fedclp.cpython-38.pyc`` in the official MARS repository, read by
+disassembly) prunes each loaded update's model in a first loop, overwriting one ``local_model``
+each time, and then, in a second loop over the ``fl_no_models`` updates, accumulates the update of
+that one ``local_model``: it aggregates the LAST client's pruned model ``n`` times and the other
+clients not at all. (It also reads the update files ``update_0 .. update_{n-1}``, which in the
+MARS 100-client setting are the attacker ids.) marsjax prunes every local model and averages all
+of them, which is what the paper describes; the paper's FedCLP numbers (Table 2) therefore need
+not match ours. There is no option for the bug.
+
 Nobody is rejected: ``accepted`` is 1 on valid rows; ``scores`` is the fraction of channels pruned
 in each local model. The per-channel singular values come from ``jnp.linalg.eigvalsh`` of the
 small ``min(C_in, kh * kw)``-sized Gram matrices, batched over channels, one client at a time.
