@@ -55,6 +55,7 @@ def _cmd_sweep(args) -> int:
         only=_parse_only(args.only),
         progress=args.progress,
         redo_changed=args.redo_changed,
+        allow_mixed_commits=args.allow_mixed_commits,
     )
     table = pathlib.Path(result.outputs["table.md"])
     print(table.read_text())
@@ -117,9 +118,15 @@ def _cmd_plot(args) -> int:
     target = args.target
     if target.endswith(".py"):
         target = str(sweep_lib.load_sweep(target).results_dir)
-    outputs = sweep_lib.write_outputs(target)
+    outputs = sweep_lib.write_outputs(target, allow_mixed_commits=args.allow_mixed_commits)
     print(json.dumps(outputs, indent=2))
     return 0
+
+
+_MIXED_HELP = (
+    "write the tables even if the finished runs were made by different commits (each cell then "
+    "names its commits); by default that is refused"
+)
 
 
 def add_subcommands(subparsers) -> None:
@@ -149,6 +156,7 @@ def add_subcommands(subparsers) -> None:
         "--redo-changed", action="store_true", help="rerun finished runs whose config changed"
     )
     sp.add_argument("--progress", action="store_true", help="a progress bar per run")
+    sp.add_argument("--allow-mixed-commits", action="store_true", help=_MIXED_HELP)
     sp.set_defaults(fn=_cmd_sweep)
 
     sp = subparsers.add_parser(
@@ -165,6 +173,7 @@ def add_subcommands(subparsers) -> None:
 
     sp = subparsers.add_parser("plot", help="rewrite a sweep's tables and plots from its files")
     sp.add_argument("target", help="a sweep results folder, or the sweep's .py file")
+    sp.add_argument("--allow-mixed-commits", action="store_true", help=_MIXED_HELP)
     sp.set_defaults(fn=_cmd_plot)
 
 

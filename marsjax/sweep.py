@@ -90,10 +90,14 @@ from marsjax.pretrain import PretrainSpec
 
 __all__ = [
     "SWEEP_FILE",
+    "MixedCommitsError",
     "PretrainSpec",
     "Sweep",
     "SweepRun",
+    "check_commits",
     "collect",
+    "commit_label",
+    "commits_table",
     "expand",
     "load_sweep",
     "plot_heatmap",
@@ -581,6 +585,7 @@ def run_sweep(
     progress: bool = False,
     redo_changed: bool = False,
     log: Callable[[str], None] | None = None,
+    allow_mixed_commits: bool = False,
 ) -> SweepResult:
     """Runs every point of ``sweep`` that is not done yet, then writes its tables and plots.
 
@@ -592,6 +597,9 @@ def run_sweep(
       progress: a progress bar per run.
       redo_changed: rerun finished runs whose config changed (default: refuse, naming them).
       log: where progress lines go (default: stderr).
+      allow_mixed_commits: write the tables even when the finished runs were made by different
+        code (each cell then names its commits); otherwise that raises
+        :class:`MixedCommitsError` after the runs (their folders are complete either way).
 
     Returns:
       A :class:`SweepResult`.
@@ -684,7 +692,7 @@ def run_sweep(
             result.ran.append(r.id)
             log(f"  {_fmt_summary(s)} ({time.perf_counter() - t1:.0f}s)")
     log(f"{sweep.name}: ran {len(result.ran)} in {time.perf_counter() - t_start:.0f}s")
-    result.outputs = write_outputs(out)
+    result.outputs = write_outputs(out, allow_mixed_commits=allow_mixed_commits)
     return result
 
 
@@ -743,7 +751,8 @@ def collect(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     Each row: ``id``, ``labels``, ``seed``, ``attack``, ``defense``, ``status`` (``done``,
     ``failed``, ``missing``) and, when done, ``acc asr tpr fpr cad`` (percent) as the table shows
     them (for a ``no_detection`` defense TPR/FPR are ``None`` and CAD = (ACC + 100 - ASR) / 2),
-    ``rounds``, ``wall_s``, ``records`` (the run's metrics.jsonl).
+    ``rounds``, ``wall_s``, ``commit`` and ``dirty`` (the code that made it: ``None`` for runs
+    written before marsjax recorded it), ``records`` (the run's metrics.jsonl).
     """
     from marsjax.metrics import cad
 
@@ -770,6 +779,8 @@ def collect(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                 row["cad"] = cad(row["acc"], row["asr"])
         row["rounds"] = summary.get("rounds")
         row["wall_s"] = summary.get("wall_s")
+        row["commit"] = summary.get("commit")
+        row["dirty"] = summary.get("dirty")
         path = d / "metrics.jsonl"
         row["records"] = (
             [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -791,13 +802,53 @@ def _row_name(index: dict, key: tuple[str, ...]) -> str:
     return ", ".join(parts) or "–"
 
 
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+
+
+def commit_label(row: Mapping[str, Any]) -> str:
+    """The code that made a run: the short commit, ``+dirty`` with uncommitted changes, or
+    ``unrecorded`` (a run written before marsjax recorded its commit)."""
+    commit = row.get("commit")
+    if not commit:
+        return "unrecorded"
+    return commit[:10] + ("+dirty" if row.get("dirty") else "")
+
+
+class MixedCommitsError(ConfigError):
+    """The finished runs of a sweep were made by different code."""
+
+
+def check_commits(rows: Sequence[Mapping[str, Any]], allow_mixed: bool = False) -> list[str]:
+    """The commits of the finished runs (sorted); raises :class:`MixedCommitsError` when there
+    is more than one and ``allow_mixed`` is false, naming each commit and its runs."""
+    by: dict[str, list[str]] = {}
+    for row in rows:
+        if row["status"] == "done":
+            by.setdefault(commit_label(row), []).append(row["id"])
+    if len(by) > 1 and not allow_mixed:
+        parts = [
+            f"{c}: {len(ids)} runs ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+            for c, ids in sorted(by.items())
+        ]
+        raise MixedCommitsError(
+            "the finished runs were made by different code (" + "; ".join(parts) + "); rerun "
+            "the stale runs (delete their folders) or pass --allow-mixed-commits to write a "
+            "table that names each cell's commit"
+        )
+    return sorted(by)
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
 def _cells(index: dict, rows: Sequence[dict]) -> dict[tuple[tuple[str, ...], str], dict]:
-    """(row key, column label) -> mean of each column over the seeds, ``n`` done, ``failed``."""
+    """(row key, column label) -> mean and population std (``<col>_std``, ``None`` below two
+    values) of each column over the seeds, ``n`` done, ``failed``, ``commits``."""
     groups: dict[tuple[tuple[str, ...], str], list[dict]] = {}
     for row in rows:
         groups.setdefault((_row_key(index, row), row["labels"][index["cols"]]), []).append(row)
@@ -805,16 +856,20 @@ def _cells(index: dict, rows: Sequence[dict]) -> dict[tuple[tuple[str, ...], str
     for k, members in groups.items():
         done = [m for m in members if m["status"] == "done"]
         cell = {c: _mean([m[c] for m in done]) for c in COLUMNS}
+        for c in COLUMNS:
+            vals = [m[c] for m in done if m[c] is not None]
+            cell[c + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
         cell["n"] = len(done)
         cell["failed"] = sum(m["status"] == "failed" for m in members)
-        cell["cad_std"] = float(np.std([m["cad"] for m in done])) if len(done) > 1 else None
+        cell["commits"] = sorted({commit_label(m) for m in done})
         cells[k] = cell
     return cells
 
 
 def wide_table(index: dict, rows: Sequence[dict]) -> str:
     """The paper's layout: a row per row key, a column per column label, cells
-    ``ACC/ASR/TPR/FPR/CAD`` (``–`` where not applicable; means over seeds)."""
+    ``ACC/ASR/TPR/FPR/CAD`` (``–`` where not applicable); with several seeds every value is
+    ``mean±std`` over the seeds (population std) and the seed count follows."""
     cells = _cells(index, rows)
     col_labels = index["axes"][index["cols"]]
     row_keys = list(itertools.product(*(index["axes"][a] for a in index["rows"])))
@@ -830,26 +885,51 @@ def wide_table(index: dict, rows: Sequence[dict]) -> str:
             if cell is None or cell["n"] == 0:
                 out.append("(failed)" if cell and cell["failed"] else "(not run)")
                 continue
-            text = "/".join(_num(cell[c]) for c in COLUMNS)
-            if cell["cad_std"] is not None:
-                text += f" (±{cell['cad_std']:.2f}, {cell['n']} seeds)"
+            if cell["n"] > 1:
+                text = " / ".join(_mean_std(cell[c], cell[c + "_std"]) for c in COLUMNS)
+                text += f" ({cell['n']} seeds)"
+            else:
+                text = "/".join(_num(cell[c]) for c in COLUMNS)
             out.append(text)
         lines.append(f"| {_row_name(index, key)} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
 
 
+def commits_table(index: dict, rows: Sequence[dict]) -> str:
+    """The wide table's layout with each cell's commit(s)."""
+    cells = _cells(index, rows)
+    col_labels = index["axes"][index["cols"]]
+    row_keys = list(itertools.product(*(index["axes"][a] for a in index["rows"])))
+    lines = [
+        "| "
+        + (" × ".join(_short(a) for a in index["rows"]) or "run")
+        + " | "
+        + " | ".join(col_labels)
+        + " |",
+        "|---|" + "---|" * len(col_labels),
+    ]
+    for key in row_keys:
+        vals = []
+        for col in col_labels:
+            cell = cells.get((key, col))
+            vals.append(", ".join(cell["commits"]) if cell and cell["n"] else "")
+        lines.append(f"| {_row_name(index, key)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def runs_table(index: dict, rows: Sequence[dict]) -> str:
-    """One row per run: axis labels, seed, ACC, ASR, TPR, FPR, CAD, rounds, wall time."""
+    """One row per run: axis labels, seed, ACC, ASR, TPR, FPR, CAD, rounds, wall time, commit."""
     axes = list(index["axes"])
     head = [*(_short(a) for a in axes), "seed", "ACC", "ASR", "TPR", "FPR", "CAD", "rounds", "s"]
+    head.append("commit")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         vals = [row["labels"][a] for a in axes] + [str(row["seed"])]
         if row["status"] == "done":
             vals += [_num(row[c]) for c in COLUMNS]
-            vals += [str(row.get("rounds")), f"{row.get('wall_s') or 0:.0f}"]
+            vals += [str(row.get("rounds")), f"{row.get('wall_s') or 0:.0f}", commit_label(row)]
         else:
-            vals += [row["status"]] + [""] * 6
+            vals += [row["status"]] + [""] * 7
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -861,12 +941,13 @@ def runs_csv(index: dict, rows: Sequence[dict]) -> str:
     axes = list(index["axes"])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["id", *axes, "seed", "status", *COLUMNS, "rounds", "wall_s"])
+    w.writerow(["id", *axes, "seed", "status", *COLUMNS, "rounds", "wall_s", "commit", "dirty"])
     for row in rows:
         w.writerow(
             [row["id"], *(row["labels"][a] for a in axes), row["seed"], row["status"]]
             + [("" if row.get(c) is None else repr(row[c])) for c in COLUMNS]
             + [row.get("rounds", ""), "" if row.get("wall_s") is None else f"{row['wall_s']:.1f}"]
+            + [row.get("commit") or "", "" if row.get("dirty") is None else str(row["dirty"])]
         )
     return buf.getvalue()
 
@@ -947,11 +1028,19 @@ def plot_sweep_curves(index: dict, rows: Sequence[dict], out_dir: str | os.PathL
     return names
 
 
-def write_outputs(out_dir: str | os.PathLike) -> dict[str, str]:
+def write_outputs(
+    out_dir: str | os.PathLike, *, allow_mixed_commits: bool = False
+) -> dict[str, str]:
     """Writes table.md, table.csv, heatmap_cad.png and curves_*.png of a sweep results folder
-    from its runs' files (also what ``marsjax plot`` does). Returns name -> path."""
+    from its runs' files (also what ``marsjax plot`` does). Returns name -> path.
+
+    The table says which commit made its cells; runs made by different code are refused
+    (:class:`MixedCommitsError`) unless ``allow_mixed_commits``, and then every cell's commit is
+    listed.
+    """
     out = pathlib.Path(out_dir)
     index, rows = collect(out)
+    commits = check_commits(rows, allow_mixed_commits)
     done = sum(r["status"] == "done" for r in rows)
     failed = [r["id"] for r in rows if r["status"] == "failed"]
     md = [f"# {index['name']}", ""]
@@ -970,11 +1059,21 @@ def write_outputs(out_dir: str | os.PathLike) -> dict[str, str]:
         )
         + ".",
         "",
-        wide_table(index, rows),
-        "## Runs",
-        "",
-        runs_table(index, rows),
     ]
+    if len(commits) == 1:
+        md += [f"Every finished run was made at commit {commits[0]}.", ""]
+    elif len(commits) > 1:
+        md += [
+            (
+                f"**The finished runs were made by {len(commits)} different code versions** "
+                f"({', '.join(commits)}); each cell's commits are listed below the table."
+            ),
+            "",
+        ]
+    md += [wide_table(index, rows)]
+    if len(commits) > 1:
+        md += ["Commits per cell:", "", commits_table(index, rows), ""]
+    md += ["## Runs", "", runs_table(index, rows)]
     paths = {"table.md": out / "table.md", "table.csv": out / "table.csv"}
     paths["table.md"].write_text("\n".join(md))
     paths["table.csv"].write_text(runs_csv(index, rows))
