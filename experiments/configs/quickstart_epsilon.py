@@ -3,7 +3,8 @@ the attack: the measurement behind the quickstart preset's epsilon of 0.1 (``mar
 
     marsjax sweep experiments/configs/quickstart_epsilon.py
 
-The epsilon values of one column run as one vmapped program. No pretrained start (the Quickstart
+The epsilon values of one column run in one compiled program, one after the other
+(``lax.map``; the decisions of separate runs). No pretrained start (the Quickstart
 trains from scratch, 30 rounds, the attack in every round).
 """
 

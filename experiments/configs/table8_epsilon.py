@@ -1,5 +1,5 @@
 """Table 8: MARS's epsilon, with and without 3DFed (CIFAR-10). The epsilon values of one column
-run as one vmapped program (``MarsState.epsilon``).
+run in one compiled program, one after the other (``lax.map`` over ``MarsState.epsilon``).
 
     marsjax sweep experiments/configs/table8_epsilon.py --set data.data_dir=DIR
 """

@@ -3,8 +3,9 @@
     marsjax sweep experiments/configs/table8_epsilon_fmnist_cpu.py
 
 The epsilon values of one attack run TOGETHER as one compiled program (``batch_axis``): MARS
-keeps epsilon in its state (``MarsState.epsilon``), so the round is vmapped over the nine states;
-each value is still an independent run (its own accepted clients and global model). The paper's
+keeps epsilon in its state (``MarsState.epsilon``), so one program runs the nine states one
+after the other (``lax.map``); each value is an independent run that takes exactly the decisions
+of its separate run (its own accepted clients and global model). The paper's
 grid (0.01 ... 5, CIFAR-10) is extended to 10 because epsilon is in units of backdoor energy,
 which depend on the model (experiments/README.md).
 """
@@ -38,7 +39,7 @@ def get_sweep():
         out_dir=str(_setup.RESULTS / "fmnist_cpu" / "table8_epsilon"),
         description=(
             "MARS (kappa 5%) for epsilon from 0.01 to 10, without attack (FPR) and under 3DFed "
-            "(TPR/FPR), CPU-scale setting; the epsilon values of one column ran as one vmapped "
-            "program."
+            "(TPR/FPR), CPU-scale setting; the epsilon values of one column ran in one compiled "
+            "program (lax.map), with the decisions of separate runs."
         ),
     )
