@@ -87,15 +87,91 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def side_by_side(results_dir: str | pathlib.Path, paper: str) -> str:
-    """Markdown: one row per defense, per attack our cell then the paper's."""
+def _ours(rows) -> dict[tuple[str, str], dict]:
+    """(defense, attack) -> ``{"mean": 5-tuple, "std": 5-tuple or None, "n": seeds}``."""
+    import numpy as np
+
     from marsjax import sweep
 
-    _, rows = sweep.collect(results_dir)
-    ours = {}
+    groups: dict[tuple[str, str], list[tuple]] = {}
     for r in rows:
         if r["status"] == "done":
-            ours[(r["defense"], r["attack"])] = tuple(r[c] for c in sweep.COLUMNS)
+            groups.setdefault((r["defense"], r["attack"]), []).append(
+                tuple(r[c] for c in sweep.COLUMNS)
+            )
+    out = {}
+    for k, vals in groups.items():
+        cols = list(zip(*vals))
+        mean = tuple(None if any(v is None for v in c) else float(np.mean(c)) for c in cols)
+        std = (
+            tuple(None if any(v is None for v in c) else float(np.std(c)) for c in cols)
+            if len(vals) > 1
+            else None
+        )
+        out[k] = {"mean": mean, "std": std, "n": len(vals)}
+    return out
+
+
+def _cell(mine: dict | None, with_std: bool = True) -> str:
+    if not mine:
+        return "(not run)"
+    if mine["std"] is None or not with_std:
+        text = "/".join(_fmt(v) for v in mine["mean"])
+    else:
+        text = " / ".join(
+            "–" if m is None else f"{m:.2f}±{s:.2f}" for m, s in zip(mine["mean"], mine["std"])
+        )
+    return text + (f" ({mine['n']} seeds)" if mine["n"] > 1 else "")
+
+
+def decisions(rows) -> dict[tuple[str, str, int], tuple]:
+    """(defense, attack, seed) -> per round, the sorted ids of the accepted clients
+    (``accepted > 0.5``, the rule of the TPR/FPR): what two defenses must share to tie."""
+    out = {}
+    for r in rows:
+        if r["status"] != "done":
+            continue
+        per_round = []
+        for rec in r["records"]:
+            ids, acc = rec.get("client_ids"), rec.get("accepted")
+            if ids is None or acc is None:
+                break
+            per_round.append(
+                tuple(sorted(i for i, a in zip(ids, acc) if a is not None and a > 0.5))
+            )
+        out[(r["defense"], r["attack"], r["seed"])] = tuple(per_round)
+    return out
+
+
+def ties(rows, exclude=()) -> list[tuple[str, str, str]]:
+    """``(attack, defense_a, defense_b)`` for every pair of defenses that accepted exactly the
+    same clients in every round of every seed both ran (a tie, whatever their CAD says).
+    ``exclude``: defenses whose aggregate is not the mean of the accepted clients (FedCLP prunes
+    every model and accepts everyone), which cannot tie by their decisions alone."""
+    dec = {k: v for k, v in decisions(rows).items() if k[0] not in exclude}
+    keys = {(d, a) for d, a, _ in dec}
+    out = []
+    for a in sorted({a for _, a in keys}):
+        names = sorted(d for d, aa in keys if aa == a)
+        for i, d1 in enumerate(names):
+            for d2 in names[i + 1 :]:
+                seeds = {s for d, aa, s in dec if aa == a and d == d1} & {
+                    s for d, aa, s in dec if aa == a and d == d2
+                }
+                if seeds and all(
+                    dec[(d1, a, s)] and dec[(d1, a, s)] == dec[(d2, a, s)] for s in seeds
+                ):
+                    out.append((a, d1, d2))
+    return out
+
+
+def side_by_side(results_dir: str | pathlib.Path, paper: str) -> str:
+    """Markdown: one row per defense, per attack our cell (mean±std over seeds) then the
+    paper's; then CAD per attack; then the ties (identical accepted sets in every round)."""
+    from marsjax import sweep
+
+    index, rows = sweep.collect(results_dir)
+    ours = _ours(rows)
     ref = TABLE2[paper]
     head = ["defense"]
     for a in ATTACKS:
@@ -104,21 +180,25 @@ def side_by_side(results_dir: str | pathlib.Path, paper: str) -> str:
     for d, cells in ref.items():
         row = [f"**{d}**" if d == "mars" else d]
         for a in ATTACKS:
-            mine = ours.get((d, a))
-            row.append("/".join(_fmt(v) for v in mine) if mine else "(not run)")
+            row.append(_cell(ours.get((d, a))))
             row.append("/".join(_fmt(v) for v in cells[a]))
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    lines.append("CAD per attack, ours (paper):")
-    lines.append("")
+    lines += ["", "CAD per attack, ours (paper); ours: mean over the seeds run:", ""]
     lines.append("| defense | " + " | ".join(ATTACKS) + " |")
     lines.append("|---|" + "---|" * len(ATTACKS))
     for d, cells in ref.items():
         vals = []
         for a in ATTACKS:
             mine = ours.get((d, a))
-            vals.append(f"{_fmt(mine[4]) if mine else '–'} ({_fmt(cells[a][4])})")
+            vals.append(f"{_fmt(mine['mean'][4]) if mine else '–'} ({_fmt(cells[a][4])})")
         lines.append(f"| {d} | " + " | ".join(vals) + " |")
+    tied = ties(rows, exclude=index.get("no_detection", ()))
+    lines += [
+        "",
+        "Ties (the same accepted clients in every round of every seed both ran): "
+        + ("; ".join(f"{a}: {d1} = {d2}" for a, d1, d2 in tied) if tied else "none")
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
