@@ -7,8 +7,12 @@
 * TPR: backdoor models flagged / backdoor models, FPR: benign models flagged / benign models, per
   round; a client is flagged when its ``accepted`` weight is ``<= 0.5``. The paper averages the
   per-round rates over the attack rounds (mars_spec §2.1, §6.11).
-* CAD = (ACC + (100 - ASR) + TPR + (100 - FPR)) / 4; (ACC + (100 - ASR)) / 2 for a defense
-  without detection decisions.
+* CAD, one rule everywhere (``marsjax run``, summaries, sweep tables; :data:`CAD_RULE`): the
+  mean of ACC, 100 - ASR, TPR and 100 - FPR over the terms that are defined. TPR is undefined
+  when no attacker took part (``attack=none``) and TPR/FPR are undefined for a defense without
+  detection decisions (FedCLP, :data:`marsjax.defenses.NO_DETECTION`); those show as "–" and
+  are left out: (ACC + 100 - ASR + 100 - FPR) / 3 without attackers, (ACC + 100 - ASR) / 2
+  without detection.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["cad", "detection_rates", "make_evaluate", "summarize"]
+__all__ = ["CAD_RULE", "cad", "detection_rates", "make_evaluate", "summarize"]
+
+CAD_RULE = (
+    "CAD = mean of ACC, 100-ASR, TPR, 100-FPR over the defined terms (a '–' term is left out: "
+    "TPR without attackers, TPR/FPR of a defense without detection decisions such as FedCLP)"
+)
 
 
 def detection_rates(accepted: jax.Array, is_attacking: jax.Array):
@@ -35,11 +44,22 @@ def detection_rates(accepted: jax.Array, is_attacking: jax.Array):
     return tpr.astype(jnp.float32), fpr.astype(jnp.float32)
 
 
+def _defined(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
 def cad(acc, asr, tpr=None, fpr=None):
-    """Comprehensive attack-defense score (%), the paper's CAD."""
-    if tpr is None or fpr is None:
-        return (acc + (100.0 - asr)) / 2.0
-    return (acc + (100.0 - asr) + tpr + (100.0 - fpr)) / 4.0
+    """Comprehensive attack-defense score (%), the paper's CAD: the mean of ACC, 100 - ASR, TPR
+    and 100 - FPR over the terms that are defined (``None`` or NaN terms are left out;
+    :data:`CAD_RULE`). NaN when ACC or ASR is undefined."""
+    if not (_defined(acc) and _defined(asr)):
+        return float("nan")
+    terms = [acc, 100.0 - asr]
+    if _defined(tpr):
+        terms.append(tpr)
+    if _defined(fpr):
+        terms.append(100.0 - fpr)
+    return float(sum(terms)) / len(terms)
 
 
 def make_evaluate(
@@ -107,19 +127,20 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
-def summarize(records: Sequence[dict], attack_active: bool = True) -> dict:
+def summarize(records: Sequence[dict], attack_active: bool = True, detects: bool = True) -> dict:
     """Paper-style summary of per-round records (``metrics.jsonl`` lines).
 
     ACC/ASR are the last evaluated round's; TPR/FPR are the means of the per-round rates over the
-    rounds in which the attack was active (all rounds if there is no attack); CAD from those.
+    rounds in which the attack was active (all rounds if there is no attack), NaN for a defense
+    without detection decisions (``detects=False``); CAD from those (:func:`cad`).
     """
     evaluated = [r for r in records if r.get("acc") is not None]
     last = evaluated[-1] if evaluated else {}
     rounds = [r for r in records if r.get("attack_active")] if attack_active else list(records)
     if not rounds:
         rounds = list(records)
-    tpr = _nanmean([r.get("tpr") for r in rounds])
-    fpr = _nanmean([r.get("fpr") for r in rounds])
+    tpr = _nanmean([r.get("tpr") for r in rounds]) if detects else float("nan")
+    fpr = _nanmean([r.get("fpr") for r in rounds]) if detects else float("nan")
     acc = last.get("acc", float("nan"))
     asr = last.get("asr", float("nan"))
     out = {
@@ -130,11 +151,7 @@ def summarize(records: Sequence[dict], attack_active: bool = True) -> dict:
         "tpr": tpr,
         "fpr": fpr,
     }
-    if np.isfinite(tpr) and np.isfinite(fpr):
-        out["cad"] = cad(acc, asr, tpr, fpr)
-    else:
-        # No attacker was ever sampled (TPR undefined): CAD over the defined terms.
-        out["cad"] = cad(acc, asr, 100.0, fpr) if np.isfinite(fpr) else cad(acc, asr)
+    out["cad"] = cad(acc, asr, tpr, fpr)
     out["dropped"] = int(sum(r.get("num_dropped", 0) for r in records))
     out["reverted"] = int(sum(r.get("reverted", 0) for r in records))
     return out

@@ -64,6 +64,7 @@ from marsjax.defenses.energy import backdoor_energy, concentrated_backdoor_energ
 from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_matrix
 
 __all__ = [
+    "NO_DETECTION",
     "REGISTRY",
     "Defense",
     "DefenseContext",
@@ -112,6 +113,10 @@ REGISTRY = {
     "mars": _mars._build,
     "mars_star": _mars._build_star,
 }
+
+# Defenses without detection decisions (they accept every upload and change it: FedCLP prunes
+# every model): their TPR/FPR are not reported and CAD leaves them out (marsjax.metrics.cad).
+NO_DETECTION = frozenset({"fedclp"})
 
 
 def make(name: str, ctx: DefenseContext, **options) -> Defense:
