@@ -46,11 +46,13 @@ start an attack experiment from a clean pretrained model), checked against the e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Self
@@ -315,6 +317,46 @@ def _rebuild(value: Any, like: Any, meta: dict) -> Any:
 # The manager
 
 
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (TensorStore errors carry
+    a whole JSON spec)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" [tensorstore_spec")[0]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_stderr(grace_s: float = 0.0):
+    """Drops what is written to file descriptor 2 (TensorStore's and absl's C++ logs, Python's
+    stderr) while a step that may be corrupt is read. When the read fails, TensorStore may still
+    finish the reads of the step's other arrays and print a traceback for each (dozens of lines,
+    ``Event loop is closed``); ``grace_s`` keeps stderr quiet that much longer after a failure so
+    that they land here too."""
+    import tempfile
+    import time
+
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no real descriptor (some test harnesses)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        except BaseException:
+            time.sleep(grace_s)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def find_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
     """``path`` itself, or its ``checkpoints/`` subfolder when ``path`` is a results folder."""
     p = pathlib.Path(path)
@@ -399,6 +441,7 @@ class Checkpointer:
         self._dataset_fp: str | None = None
         self._mgr = None
         self._last_saved: int | None = None
+        self.skipped: list[tuple[int, str]] = []  # (round, reason) of unreadable steps skipped
 
     # -- plumbing
     def _get_manager(self):
@@ -489,7 +532,12 @@ class Checkpointer:
 
     # -- restore
     def restore(
-        self, like: Any, *, round: int | None = None, check_config: bool = True
+        self,
+        like: Any,
+        *,
+        round: int | None = None,
+        check_config: bool = True,
+        warn_skipped: bool = True,
     ) -> tuple[Any, list[dict]]:
         """Restores a step into the structure of ``like`` (a freshly built RoundState).
 
@@ -497,9 +545,12 @@ class Checkpointer:
           like: a state with the expected tree, shapes, dtypes and shardings
             (``sim.init_state()``).
           round: the step to restore (default: the latest readable one; if the latest cannot be
-            read, the previous ones are tried, with a warning).
+            read, the previous ones are tried). The skipped steps are in ``self.skipped``
+            (round, one-line reason); what the storage libraries print while a step is read
+            (dozens of lines for a corrupt one) is dropped.
           check_config: refuse a checkpoint of a different experiment (:func:`check_resumable`)
             or of different data.
+          warn_skipped: also warn (one ``RuntimeWarning``) when steps were skipped.
 
         Returns:
           ``(state, records)``.
@@ -513,31 +564,33 @@ class Checkpointer:
             candidates = [round]
         else:
             candidates = steps[::-1]
-        errors = []
+        self.skipped = []
         for step in candidates:
             try:
-                meta = _read_meta(self._get_manager(), step, self.directory)
+                with _quiet_stderr():
+                    meta = _read_meta(self._get_manager(), step, self.directory)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 (an unreadable step: try the previous one)
-                errors.append(f"round {step}: {type(e).__name__}: {e}")
+                self.skipped.append((step, _reason(e)))
                 continue
             if check_config:
                 self._check(meta)
             try:
-                out = self._restore_step(step, meta, like)
+                with _quiet_stderr(grace_s=1.0):
+                    out = self._restore_step(step, meta, like)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001
-                errors.append(f"round {step}: {type(e).__name__}: {e}")
+                self.skipped.append((step, _reason(e)))
                 continue
-            if errors:
-                warnings.warn(
-                    "skipped unreadable checkpoints: " + "; ".join(errors), RuntimeWarning
-                )
+            if self.skipped and warn_skipped:
+                warnings.warn(_skipped_text(self.skipped), RuntimeWarning, stacklevel=2)
             self._last_saved = step
             return out
-        raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} ({_skipped_text(self.skipped)})"
+        )
 
     def _check(self, meta: dict) -> None:
         for w in check_resumable(meta["config"], self.cfg, meta["round"]):
@@ -564,6 +617,10 @@ class Checkpointer:
         if len(records) != step:
             raise CheckpointError(f"checkpoint round {step} holds {len(records)} records")
         return jax.tree.unflatten(treedef, values), records
+
+
+def _skipped_text(skipped: Sequence[tuple[int, str]]) -> str:
+    return "skipped unreadable checkpoints: " + "; ".join(f"round {r}: {w}" for r, w in skipped)
 
 
 def _versions() -> dict:
@@ -594,14 +651,16 @@ def latest_round(directory: str | os.PathLike) -> int | None:
 
 
 def read_meta(directory: str | os.PathLike, round: int | None = None) -> dict:
-    """The metadata (round, config, fingerprints, leaves) of a checkpoint (default: the latest).
+    """The metadata (round, config, fingerprints, leaves) of a checkpoint (default: the latest
+    whose metadata reads; the newer ones that did not are listed under ``"skipped"`` as
+    ``(round, reason)``).
 
     Args:
       directory: a checkpoint folder or a results folder holding ``checkpoints/``.
       round: which step.
 
     Raises:
-      CheckpointError: no such checkpoint, or not a marsjax one.
+      CheckpointError: no such checkpoint, no readable one, or not a marsjax one.
     """
     directory = find_checkpoint_dir(directory)
     if not directory.is_dir():
@@ -610,10 +669,24 @@ def read_meta(directory: str | os.PathLike, round: int | None = None) -> dict:
     try:
         if not steps:
             raise CheckpointError(f"no checkpoint in {directory}")
-        step = steps[-1] if round is None else round
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint of round {step} in {directory}")
-        return _read_meta(mgr, step, directory)
+        if round is not None and round not in steps:
+            raise CheckpointError(f"no checkpoint of round {round} in {directory}")
+        skipped = []
+        for step in [round] if round is not None else steps[::-1]:
+            try:
+                with _quiet_stderr():
+                    meta = _read_meta(mgr, step, directory)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 (unreadable: say so, or try the previous one)
+                skipped.append((step, _reason(e)))
+                continue
+            if skipped:
+                meta["skipped"] = skipped
+            return meta
+        raise CheckpointError(
+            f"no readable checkpoint metadata in {directory} ({_skipped_text(skipped)})"
+        )
     finally:
         mgr.close()
 
@@ -699,6 +772,8 @@ def run_resumable(
     keep: int = 2,
     callback: Callable[[Any, list[dict]], None] | None = None,
     sim: Any = None,
+    tensorboard: str | os.PathLike | None = None,
+    on_resume: Callable[[int, list[tuple[int, str]]], None] | None = None,
 ) -> dict:
     """:func:`marsjax.simulation.run` with checkpoints every ``run.checkpoint_every`` rounds.
 
@@ -714,6 +789,10 @@ def run_resumable(
       callback: also called after every host step, after the checkpoint (tests, monitoring).
       sim: an already built :class:`~marsjax.simulation.Simulation` of the same experiment
         (its compiled functions are reused; ``cfg`` may differ in bookkeeping fields only).
+      tensorboard: TensorBoard event folder (:func:`marsjax.simulation.run`).
+      on_resume: called with ``(round, skipped)`` once a checkpoint is restored (``skipped``:
+        ``(round, reason)`` of the newer unreadable steps passed over); the skipped steps are
+        then not also warned about.
 
     Returns:
       What :func:`marsjax.simulation.run` returns, plus ``"resumed_from"`` (a round or None).
@@ -728,7 +807,14 @@ def run_resumable(
         if any(f not in BOOKKEEPING_FIELDS for f in diff):
             raise ValueError(f"sim was built for another config (differs in {diff})")
     if not resume and r.checkpoint_every == 0:
-        out = simulation.run(cfg, dataset=dataset, progress=progress, sim=sim, callback=callback)
+        out = simulation.run(
+            cfg,
+            dataset=dataset,
+            progress=progress,
+            sim=sim,
+            callback=callback,
+            tensorboard=tensorboard,
+        )
         return {**out, "resumed_from": None}
     if directory is None:
         raise ConfigError(
@@ -741,8 +827,10 @@ def run_resumable(
         state = records = None
         resumed_from = None
         if resume:
-            state, records = ckpt.restore(sim.init_state())
+            state, records = ckpt.restore(sim.init_state(), warn_skipped=on_resume is None)
             resumed_from = len(records)
+            if on_resume is not None:
+                on_resume(resumed_from, list(ckpt.skipped))
         elif ckpt.latest_round() is not None:
             raise CheckpointError(
                 f"{directory} already holds checkpoints (up to round {ckpt.latest_round()}) of "
@@ -757,7 +845,13 @@ def run_resumable(
                 callback(s, recs)
 
         out = simulation.run(
-            cfg, sim=sim, state=state, records=records, callback=on_step, progress=progress
+            cfg,
+            sim=sim,
+            state=state,
+            records=records,
+            callback=on_step,
+            progress=progress,
+            tensorboard=tensorboard,
         )
     finally:
         ckpt.close()

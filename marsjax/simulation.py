@@ -466,21 +466,28 @@ def run(
     state: RoundState | None = None,
     records: list[dict] | None = None,
     callback: Callable[[RoundState, list[dict]], None] | None = None,
+    tensorboard: str | pathlib.Path | None = None,
 ) -> dict:
     """Runs ``cfg`` to the end and returns ``{"summary", "records", "state", "sim"}``.
 
     Writes, when ``cfg.run.out_dir`` is set: ``config.json`` (resolved), ``metrics.jsonl`` (one
-    line per round), ``summary.json``, ``summary.md`` and ``curves.png``. ``config.json`` and
-    ``summary.json`` record where the result came from (:mod:`marsjax.provenance`: ``commit``,
-    ``dirty``, package versions, the command).
+    line per round), ``metrics.csv`` (its scalar columns, :mod:`marsjax.run_logs`),
+    ``summary.json``, ``summary.md`` and ``curves.png``. ``metrics.jsonl`` and ``metrics.csv``
+    start from ``records`` (empty for a fresh run): a folder never mixes the rounds of two runs.
+    ``config.json`` and ``summary.json`` record where the result came from
+    (:mod:`marsjax.provenance`: ``commit``, ``dirty``, package versions, the command).
 
     Args:
       cfg: the experiment.
       dataset: a preloaded dataset.
-      progress: show a progress bar with round / ACC / ASR.
+      progress: show progress with round / ACC / ASR: a bar on a terminal, else a log line every
+        few rounds (:class:`marsjax.run_logs.Progress`).
       sim, state, records: continue an existing simulation (resume).
       callback: called after every host step with the state and records so far (checkpointing).
+      tensorboard: also write every round's scalars as TensorBoard event files in this folder.
     """
+    from marsjax import run_logs
+
     sim = sim or build(cfg, dataset)
     state = state if state is not None else sim.init_state()
     records = list(records or [])
@@ -491,11 +498,11 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         record = provenance.with_provenance(to_dict(cfg), prov)
         (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=r.rounds, initial=_round_of(state), desc=cfg.name, unit="round")
+        with open(out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+        run_logs.write_csv(out / "metrics.csv", records)
+    tb = run_logs.TensorBoardLog(tensorboard) if tensorboard else None
+    bar = run_logs.Progress(cfg.name, r.rounds, _round_of(state)) if progress else None
     t0 = time.perf_counter()
     last_eval: dict = {}
     while _round_of(state) < r.rounds:
@@ -515,18 +522,26 @@ def run(
         if out:
             with open(out / "metrics.jsonl", "a") as f:
                 f.writelines(json.dumps(rec) + "\n" for rec in new)
+            run_logs.append_csv(out / "metrics.csv", new)
+        if tb is not None:
+            tb.write(new)
         if bar is not None:
-            bar.update(len(new))
-            if last_eval:
-                bar.set_postfix(ACC=f"{last_eval['acc']:.1f}", ASR=f"{last_eval['asr']:.1f}")
+            bar.update(len(new), last_eval)
         if callback is not None:
             callback(state, records)
     if bar is not None:
         bar.close()
-    summary = summarize(records, attack_active=cfg.attack.name != "none")
+    if tb is not None:
+        tb.close()
+    summary = summarize(
+        records,
+        attack_active=cfg.attack.name != "none",
+        detects=cfg.defense.name not in defenses.NO_DETECTION,
+    )
     summary["name"] = cfg.name
     summary["attack"] = cfg.attack.name
     summary["defense"] = cfg.defense.name
+    summary["seed"] = r.seed
     summary["rounds"] = _round_of(state)
     summary["wall_s"] = time.perf_counter() - t0
     summary = provenance.with_provenance(summary, prov)
@@ -536,7 +551,7 @@ def run(
 
         (out / "summary.md").write_text(report.summary_markdown([summary]))
         try:
-            report.plot_curves(records, out / "curves.png", title=cfg.name)
+            report.plot_curves(records, out / "curves.png", title=report.curves_title(cfg))
         except Exception as e:  # noqa: BLE001 - plotting must never lose a finished run
             (out / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
     return {"summary": summary, "records": records, "state": state, "sim": sim}
