@@ -1,10 +1,18 @@
 """The ``marsjax sweep``, ``marsjax pretrain`` and ``marsjax plot`` subcommands.
 
     marsjax sweep SWEEP.py [--only AXIS=LABEL[,LABEL...] ...] [--set section.field=value ...]
-                           [--list] [--redo-changed] [--progress]
+                           [--list] [--redo-changed] [--progress] [--results DIR]
     marsjax pretrain CONFIG [--out DIR] [--target-acc ACC] [--max-rounds N] [--eval-every K]
                             [--set ...]
-    marsjax plot RESULTS_DIR | SWEEP.py
+    marsjax plot RESULTS_DIR | SWEEP.py [--results DIR]
+
+The relative paths of a sweep file (its results folder, its pretrained start) are relative to the
+project that holds the file: the nearest folder above it with ``pyproject.toml`` or ``.git``
+(:func:`marsjax.sweep.project_root`; for ``experiments/configs/*.py``, the repository root), so
+``sweep`` and ``plot`` find the same runs from any working directory; ``--results DIR`` names
+another results folder. Paths given with ``--set`` (``data.data_dir``, ``run.init_checkpoint``)
+are relative to the working directory, as usual. ``--only`` filters ``--list`` too, and an
+unknown axis or label is refused with the closest one.
 
 ``SWEEP.py`` defines ``get_sweep()`` returning a :class:`marsjax.sweep.Sweep`; a sweep reruns
 nothing that is done, resumes what has a checkpoint, pretrains its clean start first when it has
@@ -20,15 +28,22 @@ marsjax.cli_experiments ...`` runs them on their own.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import dataclasses
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from marsjax.config import ConfigError
+from marsjax.cli_common import load_config, run_command
+from marsjax.config import ConfigError, call_file_function
 
 __all__ = ["add_subcommands", "main"]
+
+# --set fields that hold paths: given on the command line, they are relative to where the
+# command runs, not to the sweep's project folder.
+_PATH_FIELDS = ("data.data_dir", "run.init_checkpoint", "run.out_dir")
 
 
 def _parse_only(items: Sequence[str]) -> dict[str, list[str]]:
@@ -41,25 +56,88 @@ def _parse_only(items: Sequence[str]) -> dict[str, list[str]]:
     return only
 
 
+def _from_root(path: str, root: pathlib.Path) -> str:
+    """``path`` (relative to the working directory) as the sweep sees it from ``root``: relative
+    to ``root`` when inside it (so that configs record the same relative paths wherever the
+    command runs), absolute otherwise."""
+    p = pathlib.Path(path).resolve()
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _rebase_sets(sets: Sequence[str], root: pathlib.Path) -> list[str]:
+    out = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in _PATH_FIELDS and value and value.lower() not in ("none", "null"):
+            item = f"{key}={_from_root(value, root)}"
+        out.append(item)
+    return out
+
+
+@contextlib.contextmanager
+def _working_dir(folder: pathlib.Path):
+    before = pathlib.Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextlib.contextmanager
+def _sweep_at_root(args):
+    """Loads the sweep of ``args.spec`` inside its project folder
+    (:func:`marsjax.sweep.project_root`), where its relative paths (results folder, pretrained
+    start) point, whatever the working directory; ``--results DIR`` replaces its results
+    folder. Yields ``(sweep, shown)``: ``shown`` turns a path of the sweep into one that reads
+    from the caller's working directory."""
+    from marsjax import sweep as sweep_lib
+
+    spec = pathlib.Path(args.spec)
+    if not spec.is_file():
+        raise ConfigError(f"sweep file {args.spec!r} not found")
+    caller = pathlib.Path.cwd()
+    root = sweep_lib.project_root(spec)
+    sets = _rebase_sets(getattr(args, "set", []), root)
+    results = _from_root(args.results, root) if getattr(args, "results", None) else None
+    with _working_dir(root):
+        try:
+            sweep = sweep_lib.load_sweep(spec.resolve(), sets)
+        except ConfigError as e:  # name the file as the caller gave it
+            raise ConfigError(str(e).replace(str(spec.resolve()), args.spec)) from None
+        if results is not None:
+            sweep = dataclasses.replace(sweep, out_dir=results)
+
+        def shown(path) -> str:
+            return os.path.relpath(root / path, caller)
+
+        yield sweep, shown
+
+
 def _cmd_sweep(args) -> int:
     from marsjax import sweep as sweep_lib
 
-    sweep = sweep_lib.load_sweep(args.spec, args.set)
-    if args.list:
-        pretrained = sweep.pretrain.out_dir if sweep.pretrain else None
-        for r in sweep_lib.expand(sweep, pretrained):
-            print(f"{sweep_lib.status(r):8s} {r.out_dir}")
-        return 0
-    result = sweep_lib.run_sweep(
-        sweep,
-        only=_parse_only(args.only),
-        progress=args.progress,
-        redo_changed=args.redo_changed,
-        allow_mixed_commits=args.allow_mixed_commits,
-    )
-    table = pathlib.Path(result.outputs["table.md"])
-    print(table.read_text())
-    print(f"results: {sweep.results_dir}")
+    only = _parse_only(args.only)
+    with _sweep_at_root(args) as (sweep, shown):
+        if args.list:
+            pretrained = sweep.pretrain.out_dir if sweep.pretrain else None
+            runs = sweep_lib.select(sweep, sweep_lib.expand(sweep, pretrained), only)
+            for r in runs:
+                print(f"{sweep_lib.status(r):8s} {shown(r.out_dir)}")
+            return 0
+        result = sweep_lib.run_sweep(
+            sweep,
+            only=only,
+            progress=args.progress,
+            redo_changed=args.redo_changed,
+            allow_mixed_commits=args.allow_mixed_commits,
+        )
+        table = pathlib.Path(result.outputs["table.md"])
+        print(table.read_text())
+        print(f"results: {shown(sweep.results_dir)}")
     if result.failed:
         for rid, why in result.failed.items():
             print(f"marsjax: run {rid} failed: {why}", file=sys.stderr)
@@ -68,22 +146,18 @@ def _cmd_sweep(args) -> int:
 
 
 def _load_module_attr(spec: str, name: str):
-    path = pathlib.Path(spec)
-    if not spec.endswith(".py") or not path.exists():
+    """``name()`` of the config file ``spec`` (``None`` when ``spec`` is a preset or the file
+    does not define it)."""
+    if not spec.endswith(".py"):
         return None
-    module_spec = importlib.util.spec_from_file_location(f"_marsjax_cfg_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name, None)
+    return call_file_function(spec, name, required=False)
 
 
 def _cmd_pretrain(args) -> int:
-    from marsjax.cli import load_config
     from marsjax.pretrain import PretrainSpec, pretrain
 
     cfg = load_config(args.config, args.set)
-    get_pretrain = _load_module_attr(args.config, "get_pretrain")
-    spec = get_pretrain() if get_pretrain is not None else None
+    spec = _load_module_attr(args.config, "get_pretrain")
     if spec is not None and not isinstance(spec, PretrainSpec):
         raise ConfigError(f"{args.config}: get_pretrain() must return a PretrainSpec")
     out = args.out or (spec.out_dir if spec else None)
@@ -115,10 +189,17 @@ def _cmd_pretrain(args) -> int:
 def _cmd_plot(args) -> int:
     from marsjax import sweep as sweep_lib
 
-    target = args.target
-    if target.endswith(".py"):
-        target = str(sweep_lib.load_sweep(target).results_dir)
-    outputs = sweep_lib.write_outputs(target, allow_mixed_commits=args.allow_mixed_commits)
+    if args.target.endswith(".py"):
+        args.spec = args.target
+        with _sweep_at_root(args) as (sweep, shown):
+            outputs = sweep_lib.write_outputs(
+                sweep.results_dir, allow_mixed_commits=args.allow_mixed_commits
+            )
+            outputs = {k: shown(v) for k, v in outputs.items()}
+    else:
+        if args.results:
+            raise ConfigError("--results goes with a sweep file; give the results folder itself")
+        outputs = sweep_lib.write_outputs(args.target, allow_mixed_commits=args.allow_mixed_commits)
     print(json.dumps(outputs, indent=2))
     return 0
 
@@ -126,6 +207,12 @@ def _cmd_plot(args) -> int:
 _MIXED_HELP = (
     "write the tables even if the finished runs were made by different commits (each cell then "
     "names its commits); by default that is refused"
+)
+
+
+_RESULTS_HELP = (
+    "the sweep's results folder (default: its out_dir, relative to the project folder holding "
+    "the sweep file, whatever the working directory)"
 )
 
 
@@ -157,6 +244,7 @@ def add_subcommands(subparsers) -> None:
     )
     sp.add_argument("--progress", action="store_true", help="a progress bar per run")
     sp.add_argument("--allow-mixed-commits", action="store_true", help=_MIXED_HELP)
+    sp.add_argument("--results", metavar="DIR", help=_RESULTS_HELP)
     sp.set_defaults(fn=_cmd_sweep)
 
     sp = subparsers.add_parser(
@@ -174,19 +262,18 @@ def add_subcommands(subparsers) -> None:
     sp = subparsers.add_parser("plot", help="rewrite a sweep's tables and plots from its files")
     sp.add_argument("target", help="a sweep results folder, or the sweep's .py file")
     sp.add_argument("--allow-mixed-commits", action="store_true", help=_MIXED_HELP)
+    sp.add_argument("--results", metavar="DIR", help=_RESULTS_HELP)
     sp.set_defaults(fn=_cmd_plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m marsjax.cli_experiments {sweep,pretrain,plot} ...``; returns the exit status."""
-    p = argparse.ArgumentParser(prog="marsjax", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="marsjax", description="marsjax's experiment commands: sweep, pretrain, plot."
+    )
     add_subcommands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
-    try:
-        return args.fn(args)
-    except ConfigError as e:
-        print(f"marsjax: config error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import difflib
 import inspect
 import json
 import math
+import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,10 +30,12 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
+    "call_file_function",
     "from_dict",
     "get_preset",
     "override",
     "parse_overrides",
+    "preset_with",
     "to_dict",
     "validate",
 ]
@@ -223,10 +227,20 @@ def _fail(field: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
 
 
+def _suggest(value: Any, choices) -> str | None:
+    """The choice closest to ``value``, ignoring case (``MRA`` -> ``mra``), or None."""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    text = str(value).lower()
+    if text in by_lower:
+        return by_lower[text]
+    hint = difflib.get_close_matches(text, list(by_lower), n=1)
+    return by_lower[hint[0]] if hint else None
+
+
 def _check_choice(field, value, choices):
     if value not in choices:
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        hint = _suggest(value, choices)
+        extra = f" (did you mean {hint!r}?)" if hint else ""
         _fail(field, value, f"must be one of {tuple(choices)}{extra}")
 
 
@@ -278,9 +292,24 @@ def _check_options(field: str, factory, options: Mapping[str, Any]) -> None:
         if not isinstance(k, str):
             _fail(f"{field}[{k!r}]", options[k], "option names must be strings")
         if k not in allowed:
-            hint = difflib.get_close_matches(k, allowed, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            hint = _suggest(k, allowed)
+            extra = f" (did you mean {hint!r}?)" if hint else ""
             _fail(f"{field}.{k}", options[k], f"unknown option; allowed: {sorted(allowed)}{extra}")
+        _check_option_type(f"{field}.{k}", options[k], params[k].default)
+
+
+def _check_option_type(field: str, value: Any, default: Any) -> None:
+    """An option whose default is a number (or a boolean) must be one: ``epsilon=abc`` is refused
+    here, naming the field, rather than by a comparison deep inside the factory."""
+    if default is inspect.Parameter.empty or default is None or value is None:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            _fail(field, value, "must be true or false")
+    elif isinstance(default, (int, float)) and (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+    ):
+        _fail(field, value, "must be a number")
 
 
 class _ProbeUsed(BaseException):
@@ -474,8 +503,28 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+_NAMED_SECTIONS = ("attack", "defense")
+
+
 def override(cfg: ExperimentConfig, changes: Mapping[str, Any]) -> ExperimentConfig:
-    """Returns ``cfg`` with dotted-path changes applied (``attack.options.scale`` reaches options)."""
+    """Returns ``cfg`` with dotted-path changes applied (``attack.options.scale`` reaches options).
+
+    Changing ``attack.name`` or ``defense.name`` to another attack or defense resets that
+    section's options to the new one's defaults (``{}``): one defense's options never carry over
+    to another. Options set in the same ``changes`` (``defense.options.epsilon``, or the whole
+    ``defense.options``) apply after the reset, whatever their order. Setting the name a section
+    already has changes nothing.
+    """
+    changes = dict(changes)
+    for section in _NAMED_SECTIONS:
+        path = f"{section}.name"
+        if path in changes:
+            current = getattr(cfg, section)
+            name = _parse_value(changes.pop(path), "str")
+            if name != current.name:
+                cfg = dataclasses.replace(
+                    cfg, **{section: dataclasses.replace(current, name=name, options={})}
+                )
     for path, value in changes.items():
         parts = path.split(".")
         if parts[0] == "name" and len(parts) == 1:
@@ -488,8 +537,8 @@ def override(cfg: ExperimentConfig, changes: Mapping[str, Any]) -> ExperimentCon
         field = parts[1]
         names = {f.name for f in dataclasses.fields(section)}
         if field not in names:
-            hint = difflib.get_close_matches(field, names, n=1)
-            extra = f" (did you mean {parts[0]}.{hint[0]}?)" if hint else ""
+            hint = _suggest(field, sorted(names))
+            extra = f" (did you mean {parts[0]}.{hint}?)" if hint else ""
             raise ConfigError(f"override {path!r}: {parts[0]} has no field {field!r}{extra}")
         if len(parts) > 2:
             if field != "options":
@@ -535,6 +584,68 @@ def from_dict(d: Mapping[str, Any]) -> ExperimentConfig:
         else:
             raise ConfigError(f"unknown config section {k!r}")
     return ExperimentConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+
+
+def _where(e: BaseException, path: str) -> str:
+    """`` (file.py, line N)`` of the innermost frame of ``e``'s traceback in ``path``."""
+    import traceback
+
+    line = None
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_filename == path:
+            line = lineno
+    return f" ({pathlib.Path(path).name}, line {line})" if line is not None else ""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def call_file_function(path: str | os.PathLike, function: str, *, required: bool = True) -> Any:
+    """Imports the Python file ``path`` and returns ``function()`` (``get_config``, ``get_sweep``,
+    ``get_pretrain``); ``None`` when the file does not define it and it is not ``required``.
+
+    Raises:
+      ConfigError: the file is missing, does not parse, fails to import, lacks ``function`` or
+        ``function()`` raises; the message names the file, the line and the error in one line.
+    """
+    import importlib.util
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file {str(path)!r} not found")
+    name = f"_marsjax_file_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    source = spec.origin  # the file name its code objects carry
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(
+            f"{path}: line {e.lineno}: {type(e).__name__}: {e.msg} (the file does not parse)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file, in one line
+        raise ConfigError(
+            f"{path}: importing it failed: {_one_line(e)}{_where(e, source)}"
+        ) from None
+    fn = getattr(module, function, None)
+    if fn is None:
+        if required:
+            raise ConfigError(f"{path} defines no {function}()")
+        return None
+    try:
+        return fn()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {function}(): {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(
+            f"{path}: {function}() raised {_one_line(e)}{_where(e, source)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,9 +706,7 @@ def _mnist_official(defense: str = "mars", attack: str = "3dfed") -> ExperimentC
     MARS forks, does).
     """
     attack_options = {"3dfed": {"constants": "mnist"}, "mra": {"scale": 5.0}}.get(attack, {})
-    defense_options = (
-        {"epsilon": 0.03, "kappa": 0.05} if defense in ("mars", "mars_star") else {}
-    )
+    defense_options = {"epsilon": 0.03, "kappa": 0.05} if defense in ("mars", "mars_star") else {}
     return ExperimentConfig(
         name="mnist_official",
         data=DataConfig(name="mnist", num_clients=20, dirichlet_alpha=0.9),
@@ -648,6 +757,31 @@ PRESETS = {
 
 
 def get_preset(name: str, **kwargs) -> ExperimentConfig:
+    """The preset ``name``; ``defense=`` / ``attack=`` (where the preset takes them) give the
+    preset's own options for that defense or attack (``quickstart`` sets MARS's epsilon 0.1,
+    ``mnist_*`` 0.03 and 3DFed's MNIST constants)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        hint = _suggest(name, sorted(PRESETS))
+        extra = f" (did you mean {hint!r}?)" if hint else ""
+        raise ConfigError(f"unknown preset {name!r}{extra}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](**kwargs)
+
+
+def preset_with(name: str, changes: Mapping[str, Any]) -> tuple[ExperimentConfig, dict]:
+    """The preset ``name`` built for the attack and defense named in ``changes`` (dotted
+    overrides), and the changes left to apply with :func:`override`.
+
+    ``--set defense.name=X`` on a preset means the preset made for X: ``get_preset(name,
+    defense=X)``, so that ``quickstart`` with ``mars_star`` has the preset's epsilon for MARS*
+    whether it comes from ``--set`` or from ``--defenses``. Presets that do not take the name
+    (``demo``, ``quickstart`` take no ``attack``) get the plain override, which resets the
+    section's options (:func:`override`).
+    """
+    changes = dict(changes)
+    params = inspect.signature(PRESETS[name]).parameters if name in PRESETS else {}
+    kwargs = {}
+    for section in _NAMED_SECTIONS:
+        path = f"{section}.name"
+        if path in changes and section in params:
+            kwargs[section] = _parse_value(changes.pop(path), "str")
+    return get_preset(name, **kwargs), changes

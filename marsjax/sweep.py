@@ -62,7 +62,6 @@ interrupted, it reruns.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -102,7 +101,9 @@ __all__ = [
     "load_sweep",
     "plot_heatmap",
     "plot_sweep_curves",
+    "project_root",
     "run_sweep",
+    "select",
     "wide_table",
     "write_outputs",
 ]
@@ -297,18 +298,66 @@ def expand(sweep: Sweep, pretrained: str | None = None) -> list[SweepRun]:
     return runs
 
 
+def select(
+    sweep: Sweep, runs: Sequence[SweepRun], only: Mapping[str, Sequence[str]] | None
+) -> list[SweepRun]:
+    """The runs whose labels are among ``only[axis]`` for every axis of ``only`` (``seed`` is
+    an axis too); all of them when ``only`` is empty.
+
+    Raises:
+      ConfigError: an axis that the sweep does not have, or a label that its axis does not
+        have (with the closest one, ignoring case, as a suggestion).
+    """
+    from marsjax.config import _suggest
+
+    selected = list(runs)
+    for axis, labels in (only or {}).items():
+        if axis == "seed":
+            known = [str(x) for x in sweep.seed_list]
+        elif axis in sweep.axes:
+            known = [label for label, _ in _axis_points(axis, sweep.axes[axis])]
+        else:
+            axes = [*sweep.axes, "seed"]
+            hint = _suggest(axis, axes)
+            raise ConfigError(
+                f"--only {axis}: not an axis of sweep {sweep.name!r} (axes: {', '.join(axes)})"
+                + (f"; did you mean {hint}?" if hint else "")
+            )
+        for label in labels:
+            if str(label) not in known:
+                hint = _suggest(label, known)
+                raise ConfigError(
+                    f"--only {axis}={label}: no such label (labels of {axis}: "
+                    f"{', '.join(known)})" + (f"; did you mean {axis}={hint}?" if hint else "")
+                )
+        keep = {str(x) for x in labels}
+        selected = [
+            r for r in selected if (str(r.seed) if axis == "seed" else r.labels[axis]) in keep
+        ]
+    return selected
+
+
+def project_root(path: str | os.PathLike) -> pathlib.Path:
+    """The folder that the relative paths of the sweep file ``path`` are relative to: the nearest
+    folder above the file holding ``pyproject.toml`` or ``.git`` (the repository root for the
+    files in ``experiments/configs``), else the file's own folder. ``marsjax sweep`` and
+    ``marsjax plot`` resolve a sweep's results folder from there, wherever they are run."""
+    here = pathlib.Path(path).resolve().parent
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() or (folder / ".git").exists():
+            return folder
+    return here
+
+
 def load_sweep(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Sweep:
     """The :class:`Sweep` of a Python file defining ``get_sweep()``; ``overrides``
     (``section.field=value``) change its base config (``data.data_dir=...``)."""
+    from marsjax.config import call_file_function
+
     path = pathlib.Path(path)
     if not path.exists():
         raise ConfigError(f"sweep file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(f"_marsjax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"{path} defines no get_sweep()")
-    sweep = module.get_sweep()
+    sweep = call_file_function(path, "get_sweep")
     if not isinstance(sweep, Sweep):
         raise ConfigError(f"{path}: get_sweep() must return a marsjax.sweep.Sweep")
     if overrides:
@@ -359,6 +408,7 @@ def _clear(out: pathlib.Path) -> None:
     """Removes what a run writes (a fresh start must not append to an old metrics.jsonl)."""
     for name in (
         "metrics.jsonl",
+        "metrics.csv",
         "summary.json",
         "summary.md",
         "curves.png",
@@ -452,11 +502,17 @@ def _batchable(sims: Sequence[Any], states: Sequence[Any]) -> str | None:
 
 def _finish_run(cfg: ExperimentConfig, records: list[dict], wall_s: float) -> dict:
     """Writes summary.json, summary.md and curves.png of a run as simulation.run does."""
-    from marsjax import report
+    from marsjax import report, run_logs
+    from marsjax.defenses import NO_DETECTION
     from marsjax.metrics import summarize
 
     out = pathlib.Path(cfg.run.out_dir)
-    summary = summarize(records, attack_active=cfg.attack.name != "none")
+    run_logs.write_csv(out / "metrics.csv", records)
+    summary = summarize(
+        records,
+        attack_active=cfg.attack.name != "none",
+        detects=cfg.defense.name not in NO_DETECTION,
+    )
     summary.update(
         name=cfg.name,
         attack=cfg.attack.name,
@@ -467,7 +523,7 @@ def _finish_run(cfg: ExperimentConfig, records: list[dict], wall_s: float) -> di
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(report.summary_markdown([summary]))
     try:
-        report.plot_curves(records, out / "curves.png", title=cfg.name)
+        report.plot_curves(records, out / "curves.png", title=report.curves_title(cfg))
     except Exception as e:  # noqa: BLE001 (plotting must never lose a finished run)
         (out / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
     return summary
@@ -626,16 +682,8 @@ def run_sweep(
         log(f"  {how}: round {res.rounds}, ACC {res.acc:.2f}, ASR {res.asr:.2f}")
         pretrained = spec.out_dir
     runs = expand(sweep, pretrained)
+    selected = select(sweep, runs, only)
     _write_index(sweep, runs)
-    selected = runs
-    if only:
-        for axis, labels in only.items():
-            if axis not in sweep.axes and axis != "seed":
-                raise ConfigError(f"--only {axis}: not an axis of the sweep ({list(sweep.axes)})")
-            keep = {str(x) for x in labels}
-            selected = [
-                r for r in selected if (str(r.seed) if axis == "seed" else r.labels[axis]) in keep
-            ]
     states = {r.id: status(r) for r in selected}
     changed = [r for r in selected if states[r.id] == "changed"]
     if changed and not redo_changed:
@@ -750,10 +798,12 @@ def collect(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
 
     Each row: ``id``, ``labels``, ``seed``, ``attack``, ``defense``, ``status`` (``done``,
     ``failed``, ``missing``) and, when done, ``acc asr tpr fpr cad`` (percent) as the table shows
-    them (for a ``no_detection`` defense TPR/FPR are ``None`` and CAD = (ACC + 100 - ASR) / 2),
+    them (for a ``no_detection`` defense TPR/FPR are ``None``; CAD by the one rule of
+    :func:`marsjax.metrics.cad`, the mean of the defined terms),
     ``rounds``, ``wall_s``, ``commit`` and ``dirty`` (the code that made it: ``None`` for runs
     written before marsjax recorded it), ``records`` (the run's metrics.jsonl).
     """
+    from marsjax.defenses import NO_DETECTION
     from marsjax.metrics import cad
 
     out = pathlib.Path(out_dir)
@@ -773,10 +823,11 @@ def collect(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
         for k in COLUMNS:
             v = summary.get(k)
             row[k] = None if v is None or not math.isfinite(v) else float(v)
-        if r["defense"] in index.get("no_detection", []):
+        if r["defense"] in index.get("no_detection", []) or r["defense"] in NO_DETECTION:
             row["tpr"] = row["fpr"] = None
-            if row["acc"] is not None and row["asr"] is not None:
-                row["cad"] = cad(row["acc"], row["asr"])
+        # One CAD rule everywhere (marsjax.metrics.cad): the mean of the defined terms.
+        if row["acc"] is not None and row["asr"] is not None:
+            row["cad"] = cad(row["acc"], row["asr"], row["tpr"], row["fpr"])
         row["rounds"] = summary.get("rounds")
         row["wall_s"] = summary.get("wall_s")
         row["commit"] = summary.get("commit")
@@ -1008,7 +1059,7 @@ def plot_sweep_curves(index: dict, rows: Sequence[dict], out_dir: str | os.PathL
                 continue
             seen.add(key)
             ev = [rec for rec in row["records"] if rec.get("acc") is not None]
-            x = [rec["round"] + 1 for rec in ev]
+            x = [rec["round"] for rec in ev]  # numbered as in metrics.jsonl
             color = plt.cm.tab10(len(seen) % 10)
             label = _row_name(index, key)
             ax1.plot(x, [rec["acc"] for rec in ev], "o-", color=color, label=label, ms=3)
@@ -1016,7 +1067,7 @@ def plot_sweep_curves(index: dict, rows: Sequence[dict], out_dir: str | os.PathL
         ax1.set_title(f"ACC ({_short(index['cols'])}={col})")
         ax2.set_title(f"ASR ({_short(index['cols'])}={col})")
         for ax in (ax1, ax2):
-            ax.set_xlabel("round")
+            ax.set_xlabel("round (as in metrics.jsonl)")
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
         ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -1038,6 +1089,8 @@ def write_outputs(
     (:class:`MixedCommitsError`) unless ``allow_mixed_commits``, and then every cell's commit is
     listed.
     """
+    from marsjax.metrics import CAD_RULE
+
     out = pathlib.Path(out_dir)
     index, rows = collect(out)
     commits = check_commits(rows, allow_mixed_commits)
@@ -1050,10 +1103,9 @@ def write_outputs(
         f"{done} of {len(rows)} runs done"
         + (f"; failed: {', '.join(failed)}" if failed else "")
         + ". Cells: ACC/ASR/TPR/FPR/CAD (%); ACC/ASR at the last round, TPR/FPR means of the "
-        "per-round rates over the attack rounds, CAD = (ACC + 100-ASR + TPR + 100-FPR)/4"
+        f"per-round rates over the attack rounds; {CAD_RULE}"
         + (
-            f"; for {', '.join(index['no_detection'])} (no detection decisions) TPR/FPR are "
-            "not reported and CAD = (ACC + 100-ASR)/2"
+            f"; {', '.join(index['no_detection'])} makes no detection decisions (TPR/FPR '–')"
             if index.get("no_detection")
             else ""
         )
