@@ -333,6 +333,8 @@ def test_cad_leaves_out_undefined_terms_in_run(tmp_path):
         "--set",
         "attack.name=none",
         "--set",
+        "attack.options={}",
+        "--set",
         "run.rounds=1",
         "--set",
         "model.name=mlp",
