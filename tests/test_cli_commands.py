@@ -244,13 +244,14 @@ def _finish_one_run(spec: pathlib.Path) -> str:
     it from the project folder), and the sweep's index; returns the run's id."""
     from marsjax import sweep as sweep_lib
     from marsjax.config import to_dict
+    from marsjax.sweep.runfiles import _write_index
 
     cwd = os.getcwd()
     os.chdir(spec.parent.parent)
     try:
         sweep = sweep_lib.load_sweep(spec)
         runs = sweep_lib.expand(sweep)
-        sweep_lib._write_index(sweep, runs)
+        _write_index(sweep, runs)
         run = runs[0]
         run.out_dir.mkdir(parents=True)
         (run.out_dir / "config.json").write_text(json.dumps(to_dict(run.config)))
