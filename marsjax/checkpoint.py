@@ -24,7 +24,7 @@ opened again, so the previous checkpoint stays the latest. Old steps are first r
 looks complete. Saves are synchronous: when the host loop's callback returns, the step is on disk.
 The guarantee covers a killed process, not a power cut (orbax does not ``fsync``).
 
-**Resume** (:func:`run_resumable`, ``marsjax run --resume DIR``): the latest step is restored into
+**Resume** (:func:`marsjax.simulation.run_resumable`, ``marsjax run --resume DIR``): the latest step is restored into
 the structure of a freshly built state, the saved config is compared with the current one and
 ``metrics.jsonl`` is cut back to the checkpoint's records, so that the resumed run ends with the
 metrics, ``metrics.jsonl`` lines (up to the wall-clock ``elapsed_s``) and final model of an
@@ -54,14 +54,14 @@ import pathlib
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marsjax.config import ConfigError, ExperimentConfig, to_dict
+from marsjax.config import ExperimentConfig, to_dict
 
 __all__ = [
     "BOOKKEEPING_FIELDS",
@@ -78,7 +78,6 @@ __all__ = [
     "load_variables",
     "read_meta",
     "rewrite_metrics",
-    "run_resumable",
 ]
 
 FORMAT = "marsjax-checkpoint"
@@ -762,97 +761,11 @@ def rewrite_metrics(out_dir: str | os.PathLike, records: Sequence[dict]) -> None
     os.replace(tmp, out / "metrics.jsonl")
 
 
-def run_resumable(
-    cfg: ExperimentConfig,
-    *,
-    resume: bool = False,
-    dataset: Any = None,
-    progress: bool = True,
-    directory: str | os.PathLike | None = None,
-    keep: int = 2,
-    callback: Callable[[Any, list[dict]], None] | None = None,
-    sim: Any = None,
-    tensorboard: str | os.PathLike | None = None,
-    on_resume: Callable[[int, list[tuple[int, str]]], None] | None = None,
-) -> dict:
-    """:func:`marsjax.simulation.run` with checkpoints every ``run.checkpoint_every`` rounds.
+def __getattr__(name: str):
+    # ``checkpoint.run_resumable`` now lives in :mod:`marsjax.simulation` (which uses this module,
+    # not the other way round); the old name still works, resolved on first use.
+    if name == "run_resumable":
+        from marsjax.simulation import run_resumable
 
-    Args:
-      cfg: the experiment; checkpoints go to ``directory`` or ``run.out_dir/checkpoints``.
-      resume: continue from the latest checkpoint (which must exist and match ``cfg``);
-        otherwise the checkpoint folder must hold no checkpoint (a fresh run never mixes with an
-        old one) and ``metrics.jsonl`` starts empty.
-      dataset: a preloaded dataset.
-      progress: progress bar.
-      directory: the checkpoint folder (default ``run.out_dir/checkpoints``).
-      keep: checkpoints kept (the latest ones).
-      callback: also called after every host step, after the checkpoint (tests, monitoring).
-      sim: an already built :class:`~marsjax.simulation.Simulation` of the same experiment
-        (its compiled functions are reused; ``cfg`` may differ in bookkeeping fields only).
-      tensorboard: TensorBoard event folder (:func:`marsjax.simulation.run`).
-      on_resume: called with ``(round, skipped)`` once a checkpoint is restored (``skipped``:
-        ``(round, reason)`` of the newer unreadable steps passed over); the skipped steps are
-        then not also warned about.
-
-    Returns:
-      What :func:`marsjax.simulation.run` returns, plus ``"resumed_from"`` (a round or None).
-    """
-    from marsjax import simulation
-
-    r = cfg.run
-    if directory is None and r.out_dir:
-        directory = pathlib.Path(r.out_dir) / CHECKPOINT_SUBDIR
-    if sim is not None:
-        diff = config_diff(to_dict(sim.config), to_dict(cfg))
-        if any(f not in BOOKKEEPING_FIELDS for f in diff):
-            raise ValueError(f"sim was built for another config (differs in {diff})")
-    if not resume and r.checkpoint_every == 0:
-        out = simulation.run(
-            cfg,
-            dataset=dataset,
-            progress=progress,
-            sim=sim,
-            callback=callback,
-            tensorboard=tensorboard,
-        )
-        return {**out, "resumed_from": None}
-    if directory is None:
-        raise ConfigError(
-            f"run.out_dir=None is invalid: checkpoints (run.checkpoint_every="
-            f"{r.checkpoint_every}, resume={resume}) need a results folder"
-        )
-    sim = sim or simulation.build(cfg, dataset)
-    ckpt = Checkpointer(directory, cfg, dataset=sim.dataset, keep=keep)
-    try:
-        state = records = None
-        resumed_from = None
-        if resume:
-            state, records = ckpt.restore(sim.init_state(), warn_skipped=on_resume is None)
-            resumed_from = len(records)
-            if on_resume is not None:
-                on_resume(resumed_from, list(ckpt.skipped))
-        elif ckpt.latest_round() is not None:
-            raise CheckpointError(
-                f"{directory} already holds checkpoints (up to round {ckpt.latest_round()}) of "
-                "an earlier run: resume it (--resume) or choose another run.out_dir"
-            )
-        if r.out_dir:
-            rewrite_metrics(r.out_dir, records or [])
-
-        def on_step(s, recs):
-            ckpt(s, recs)
-            if callback is not None:
-                callback(s, recs)
-
-        out = simulation.run(
-            cfg,
-            sim=sim,
-            state=state,
-            records=records,
-            callback=on_step,
-            progress=progress,
-            tensorboard=tensorboard,
-        )
-    finally:
-        ckpt.close()
-    return {**out, "resumed_from": resumed_from}
+        return run_resumable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -289,7 +289,7 @@ def _cmd_run(args) -> int:
         validate(c)  # every variant is checked before the first one compiles
         _check_checkpointing(c)
         cfgs.append(c)
-    from marsjax import checkpoint
+    from marsjax import simulation
 
     resume = [bool(args.resume) and _has_checkpoint(c) for c in cfgs]
     if args.resume and not any(resume):
@@ -315,7 +315,7 @@ def _cmd_run(args) -> int:
             print(text, file=sys.stderr, flush=True)
 
         tb = str(pathlib.Path(args.tensorboard, *v.parts)) if args.tensorboard else None
-        res = checkpoint.run_resumable(
+        res = simulation.run_resumable(
             c,
             resume=res_c,
             dataset=dataset,

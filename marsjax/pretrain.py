@@ -185,7 +185,7 @@ def pretrain(
     Returns:
       A :class:`PretrainResult`; also written to ``out_dir/pretrain.json`` (with the config).
     """
-    from marsjax import checkpoint, report
+    from marsjax import checkpoint, report, simulation
 
     out = pathlib.Path(out_dir)
     changes: dict[str, Any] = {"run.out_dir": str(out)}
@@ -218,7 +218,7 @@ def pretrain(
                 raise _TargetReached  # after the checkpoint of this round was saved
 
         try:
-            checkpoint.run_resumable(
+            simulation.run_resumable(
                 c,
                 resume=saved is not None,
                 dataset=dataset,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import numpy as np
 
 from marsjax import aggregation, attacks, defenses, provenance, sharding
 from marsjax.client import ClientData, make_local_train, make_normalize
-from marsjax.config import ExperimentConfig, to_dict, validate
+from marsjax.config import ConfigError, ExperimentConfig, to_dict, validate
 from marsjax.data import Dataset, dirichlet_partition, iid_partition, load_dataset, pattern_trigger
 from marsjax.metrics import detection_rates, make_evaluate, summarize
 from marsjax.models import build_model
@@ -49,6 +50,7 @@ __all__ = [
     "build",
     "run",
     "run_clients",
+    "run_resumable",
     "sample_clients",
 ]
 
@@ -555,3 +557,106 @@ def run(
         except Exception as e:  # noqa: BLE001 - plotting must never lose a finished run
             (out / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
     return {"summary": summary, "records": records, "state": state, "sim": sim}
+
+
+def run_resumable(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    dataset: Any = None,
+    progress: bool = True,
+    directory: str | os.PathLike | None = None,
+    keep: int = 2,
+    callback: Callable[[Any, list[dict]], None] | None = None,
+    sim: Any = None,
+    tensorboard: str | os.PathLike | None = None,
+    on_resume: Callable[[int, list[tuple[int, str]]], None] | None = None,
+) -> dict:
+    """:func:`run` with checkpoints every ``run.checkpoint_every`` rounds.
+
+    Args:
+      cfg: the experiment; checkpoints go to ``directory`` or ``run.out_dir/checkpoints``.
+      resume: continue from the latest checkpoint (which must exist and match ``cfg``);
+        otherwise the checkpoint folder must hold no checkpoint (a fresh run never mixes with an
+        old one) and ``metrics.jsonl`` starts empty.
+      dataset: a preloaded dataset.
+      progress: progress bar.
+      directory: the checkpoint folder (default ``run.out_dir/checkpoints``).
+      keep: checkpoints kept (the latest ones).
+      callback: also called after every host step, after the checkpoint (tests, monitoring).
+      sim: an already built :class:`~marsjax.simulation.Simulation` of the same experiment
+        (its compiled functions are reused; ``cfg`` may differ in bookkeeping fields only).
+      tensorboard: TensorBoard event folder (:func:`marsjax.simulation.run`).
+      on_resume: called with ``(round, skipped)`` once a checkpoint is restored (``skipped``:
+        ``(round, reason)`` of the newer unreadable steps passed over); the skipped steps are
+        then not also warned about.
+
+    Returns:
+      What :func:`marsjax.simulation.run` returns, plus ``"resumed_from"`` (a round or None).
+    """
+    from marsjax.checkpoint import (
+        BOOKKEEPING_FIELDS,
+        CHECKPOINT_SUBDIR,
+        Checkpointer,
+        CheckpointError,
+        config_diff,
+        rewrite_metrics,
+    )
+
+    r = cfg.run
+    if directory is None and r.out_dir:
+        directory = pathlib.Path(r.out_dir) / CHECKPOINT_SUBDIR
+    if sim is not None:
+        diff = config_diff(to_dict(sim.config), to_dict(cfg))
+        if any(f not in BOOKKEEPING_FIELDS for f in diff):
+            raise ValueError(f"sim was built for another config (differs in {diff})")
+    if not resume and r.checkpoint_every == 0:
+        out = run(
+            cfg,
+            dataset=dataset,
+            progress=progress,
+            sim=sim,
+            callback=callback,
+            tensorboard=tensorboard,
+        )
+        return {**out, "resumed_from": None}
+    if directory is None:
+        raise ConfigError(
+            f"run.out_dir=None is invalid: checkpoints (run.checkpoint_every="
+            f"{r.checkpoint_every}, resume={resume}) need a results folder"
+        )
+    sim = sim or build(cfg, dataset)
+    ckpt = Checkpointer(directory, cfg, dataset=sim.dataset, keep=keep)
+    try:
+        state = records = None
+        resumed_from = None
+        if resume:
+            state, records = ckpt.restore(sim.init_state(), warn_skipped=on_resume is None)
+            resumed_from = len(records)
+            if on_resume is not None:
+                on_resume(resumed_from, list(ckpt.skipped))
+        elif ckpt.latest_round() is not None:
+            raise CheckpointError(
+                f"{directory} already holds checkpoints (up to round {ckpt.latest_round()}) of "
+                "an earlier run: resume it (--resume) or choose another run.out_dir"
+            )
+        if r.out_dir:
+            rewrite_metrics(r.out_dir, records or [])
+
+        def on_step(s, recs):
+            ckpt(s, recs)
+            if callback is not None:
+                callback(s, recs)
+
+        out = run(
+            cfg,
+            sim=sim,
+            state=state,
+            records=records,
+            callback=on_step,
+            progress=progress,
+            tensorboard=tensorboard,
+        )
+    finally:
+        ckpt.close()
+    return {**out, "resumed_from": resumed_from}

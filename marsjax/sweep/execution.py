@@ -2,7 +2,7 @@
 
 **Resuming.** A run whose folder holds ``summary.json`` written for the same config is skipped;
 a run interrupted after a checkpoint (``checkpoint_every``) resumes from it
-(:func:`marsjax.checkpoint.run_resumable`); any other run starts over. A finished run whose
+(:func:`marsjax.simulation.run_resumable`); any other run starts over. A finished run whose
 config changed is refused (naming the fields) unless ``redo_changed``. A run that fails is
 recorded in its ``error.txt`` and the sweep goes on.
 """
@@ -76,12 +76,12 @@ class _Datasets:
 
 
 def _run_one(run: SweepRun, dataset: Any, progress: bool) -> dict:
-    from marsjax import checkpoint
+    from marsjax import simulation
 
     st = status(run)
     if st != "partial":
         _clear(run.out_dir)
-    res = checkpoint.run_resumable(
+    res = simulation.run_resumable(
         run.config, resume=st == "partial", dataset=dataset, progress=progress
     )
     return res["summary"]
