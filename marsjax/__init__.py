@@ -1,11 +1,22 @@
 """marsjax: federated learning under backdoor attack, in JAX.
 
-One compiled program per round, clients as an array axis; MARS (arXiv:2509.20383) and the
-baselines behind one :class:`~marsjax.defenses.Defense` interface, attacks behind one
-:class:`~marsjax.attacks.Attack` interface.
+One compiled program per round, clients as an array axis; MARS (arXiv:2509.20383,
+:mod:`marsjax.mars`) and the baselines behind one :class:`~marsjax.defenses.Defense` interface,
+attacks behind one :class:`~marsjax.attacks.Attack` interface.
 """
 
-from marsjax import aggregation, attacks, client, config, data, defenses, metrics, models, tree
+from marsjax import (
+    aggregation,
+    attacks,
+    client,
+    config,
+    data,
+    defenses,
+    mars,
+    metrics,
+    models,
+    tree,
+)
 from marsjax.config import (
     AttackConfig,
     ConfigError,
@@ -39,6 +50,7 @@ __all__ = [
     "config",
     "data",
     "defenses",
+    "mars",
     "metrics",
     "models",
     "run",

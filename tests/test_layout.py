@@ -63,3 +63,23 @@ def test_moved_names_still_import_from_their_old_places():
     assert checkpoint.run_resumable is simulation.run_resumable
     assert cli.load_config is cli_common.load_config
     assert set(sweep.__all__) <= set(dir(sweep))
+
+
+def test_mars_has_its_own_package_and_the_old_paths_are_the_same_modules():
+    import marsjax.defenses._mars as old_defense
+    import marsjax.defenses.clustering as old_clustering
+    import marsjax.defenses.energy as old_energy
+    import marsjax.defenses.wasserstein as old_wasserstein
+    from marsjax import defenses, mars
+
+    assert old_energy is mars.energy and old_defense is mars.defense
+    assert old_clustering is mars.clustering and old_wasserstein is mars.wasserstein
+    assert defenses.REGISTRY["mars"] is mars.defense._build
+    assert defenses.mars is mars.mars and defenses.backdoor_energy is mars.backdoor_energy
+    assert marsjax.mars is mars
+    # the baselines stay where they were
+    assert all(
+        defenses.REGISTRY[n].__module__.startswith("marsjax.defenses.")
+        for n in defenses.REGISTRY
+        if not n.startswith("mars") and not n.startswith("_")
+    )

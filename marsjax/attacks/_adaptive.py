@@ -9,7 +9,7 @@ keeping BE low::
 where ``D̂`` is the attacker's data with the first ``poison_fraction`` of every batch stamped with
 the trigger and relabelled, and the BE sum runs over the output channels of the conv layers (with
 the gain of the BatchNorm that follows each, MARS's ``layers="conv_bn"``), computed by the very
-function MARS uses (:func:`marsjax.defenses.energy.backdoor_energy`), on the model's current
+function MARS uses (:func:`marsjax.mars.backdoor_energy`), on the model's current
 parameters and running statistics. ``λ`` is ``lam`` (the paper sweeps 1e-4, 1e-3, 0.01, 0.05,
 0.1). All the round's attackers upload one shared model trained from ``θ_G`` (``lr`` 0.055,
 ``poison_epochs`` 15, the data of :func:`marsjax.attacks._mra.attacker_data`); no scaling.

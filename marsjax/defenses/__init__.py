@@ -23,6 +23,9 @@ the defaults from the :class:`DefenseContext`):
 ``fltrust``        FLTrust (Cao et al., NDSS 2021), root data from ``ctx.server_data``
 =================  ==========================================================================
 
+MARS itself (``mars``, ``mars_star``) lives in :mod:`marsjax.mars` with its backdoor energy,
+Wasserstein and clustering modules; it is registered here like the baselines.
+
 The baselines' ``apply`` (and MARS's) also accept an optional ``client_ids`` keyword (``int32 [N]``,
 the federation ids of the rows); FoolsGold and FLDetector use it to keep per-client history across
 rounds, and fall back to a documented approximation without it.
@@ -30,6 +33,8 @@ rounds, and fall back to a documented approximation without it.
 
 from __future__ import annotations
 
+# clustering, energy, wasserstein and _mars: the former homes of MARS's modules, now aliases of
+# marsjax.mars.* (imported so that marsjax.defenses.energy and the like stay attributes).
 from marsjax.defenses import (
     _deepsight,
     _fedavg,
@@ -44,6 +49,9 @@ from marsjax.defenses import (
     _median,
     _norm_clipping,
     _rflbat,
+    clustering,
+    energy,
+    wasserstein,
 )
 from marsjax.defenses._deepsight import deepsight
 from marsjax.defenses._fedavg import fedavg
@@ -54,14 +62,20 @@ from marsjax.defenses._fltrust import fltrust
 from marsjax.defenses._foolsgold import foolsgold
 from marsjax.defenses._indicator import backdoor_indicator
 from marsjax.defenses._krum import krum, multi_krum
-from marsjax.defenses._mars import mars
 from marsjax.defenses._median import median, trimmed_mean
 from marsjax.defenses._norm_clipping import norm_clipping
 from marsjax.defenses._rflbat import rflbat
 from marsjax.defenses.base import Defense, DefenseContext, DefenseResult, EmptyState
-from marsjax.defenses.clustering import k_wmeans, kmeans, wasserstein_kmeans
-from marsjax.defenses.energy import backdoor_energy, concentrated_backdoor_energy
-from marsjax.defenses.wasserstein import wasserstein_1d, wasserstein_matrix
+from marsjax.mars import (
+    backdoor_energy,
+    concentrated_backdoor_energy,
+    k_wmeans,
+    kmeans,
+    mars,
+    wasserstein_1d,
+    wasserstein_kmeans,
+    wasserstein_matrix,
+)
 
 __all__ = [
     "NO_DETECTION",
@@ -72,8 +86,10 @@ __all__ = [
     "EmptyState",
     "backdoor_energy",
     "backdoor_indicator",
+    "clustering",
     "concentrated_backdoor_energy",
     "deepsight",
+    "energy",
     "fedavg",
     "fedclp",
     "flame",
@@ -90,6 +106,7 @@ __all__ = [
     "norm_clipping",
     "rflbat",
     "trimmed_mean",
+    "wasserstein",
     "wasserstein_1d",
     "wasserstein_kmeans",
     "wasserstein_matrix",
