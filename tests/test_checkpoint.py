@@ -212,18 +212,37 @@ def _cfg(out_dir, **changes):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, digits):
-    """A 4-round run saving every round (all kept), with its final state copied to the host."""
+    """A 4-round run saving every round (all kept), with the state of every round (as the run
+    held it in memory, before any checkpoint is read back) copied to the host."""
     out = tmp_path_factory.mktemp("finished")
     cfg = _cfg(out)
-    res = checkpoint.run_resumable(cfg, dataset=digits, progress=False, keep=10)
+    states, models = {}, {}
+
+    def keep_state(state, records):
+        states[int(state.round)] = _leaves(state)
+        models[int(state.round)] = _leaves(state.global_variables)
+
+    res = checkpoint.run_resumable(
+        cfg, dataset=digits, progress=False, keep=10, callback=keep_state
+    )
+    assert sorted(states) == [1, 2, 3, 4]
     return {
         "cfg": cfg,
         "out": out,
         "sim": res["sim"],
         "final": _leaves(res["state"]),
+        "states": states,
+        "models": models,
         "records": res["records"],
         "lines": _jsonl(out / "metrics.jsonl"),
     }
+
+
+def _assert_leaves_bitwise(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes(), (x, y)
 
 
 def test_every_round_saved_and_resume_from_each_is_bitwise(finished, tmp_path):
@@ -236,6 +255,7 @@ def test_every_round_saved_and_resume_from_each_is_bitwise(finished, tmp_path):
     for start in (1, 3):
         state, records = ckpt.restore(sim.init_state(), round=start)
         assert int(state.round) == start and len(records) == start
+        _assert_leaves_bitwise(_leaves(state), finished["states"][start])
         assert _strip(records) == _strip(finished["records"][:start])
         res = simulation.run(
             override(cfg, {"run.out_dir": None, "run.checkpoint_every": 0}),
@@ -352,6 +372,9 @@ def test_unreadable_latest_falls_back_to_the_previous(finished, tmp_path):
     with pytest.warns(RuntimeWarning, match="round 4"):
         state, records = Checkpointer(out / "checkpoints", cfg).restore(sim.init_state())
     assert int(state.round) == 3 and len(records) == 3
+    # the whole state of round 3 (model, optimizer, defense and attack states, key), bit for bit
+    _assert_leaves_bitwise(_leaves(state), finished["states"][3])
+    assert _strip(records) == _strip(finished["records"][:3])
 
 
 def test_fresh_run_never_mixes_with_old_checkpoints(finished, digits):
@@ -365,11 +388,13 @@ def test_load_variables_for_init_checkpoint(finished, tmp_path, digits):
     for path in (finished["out"], finished["out"] / "checkpoints"):
         got = checkpoint.load_variables(path, like=like)
         jax.tree.map(lambda a, b: None, got, like)  # same tree
+        _assert_leaves_bitwise(_leaves(got), finished["models"][4])  # the latest: round 4
         final = checkpoint.Checkpointer(finished["out"] / "checkpoints", finished["cfg"])
         state, _ = final.restore(sim.init_state())
         _assert_trees_equal(got, state.global_variables)
     # one step folder
     got = checkpoint.load_variables(finished["out"] / "checkpoints" / "2", like=like)
+    _assert_leaves_bitwise(_leaves(got), finished["models"][2])
     state, _ = Checkpointer(finished["out"] / "checkpoints", finished["cfg"]).restore(
         sim.init_state(), round=2
     )

@@ -8,10 +8,12 @@ num_clients``, attackers per round, target label below the class count, ...). Th
 
 * a valid config validates;
 * a valid config with one field set to a value invalid on its own fails naming that field;
-* any mix of valid and invalid values either validates or fails naming a field;
+* any mix of values fails naming a field whenever one of them is invalid on its own (a mix of
+  values each valid on its own may still break a cross-field constraint: it validates or fails
+  naming a field); the same for ``--set FIELD=TEXT`` overrides, judged by the typed values;
 
-and, for a few valid configs on the bundled dataset, ``marsjax validate --trace`` builds the
-experiment and traces its round without an error.
+and, for valid configs on the bundled dataset (``TRACE_EXAMPLES`` of them), ``marsjax validate
+--trace`` builds the experiment and traces its round without an error.
 """
 
 from __future__ import annotations
@@ -288,12 +290,24 @@ def test_one_invalid_field_is_named(cfg, field, data):
     assert field in msg, f"{field}={value!r}: the error names another field: {msg!r}"
 
 
+def _invalid_alone(cfg: ExperimentConfig, fields) -> list[str]:
+    """The ``fields`` whose value in ``cfg`` is invalid on its own."""
+    out = []
+    for field in fields:
+        section, name = field.split(".")
+        if not ALONE[field](getattr(getattr(cfg, section), name)):
+            out.append(field)
+    return out
+
+
 @SETTINGS
 @given(valid_configs(), st.dictionaries(st.sampled_from(sorted(ALONE)), ANYTHING, max_size=6))
 def test_any_values_validate_or_name_a_field(cfg, changes):
     for field, value in changes.items():
         cfg = _set(cfg, field, value)
-    _check_names_a_field(cfg)
+    msg = _check_names_a_field(cfg)
+    bad = _invalid_alone(cfg, changes)
+    assert not bad or msg is not None, f"invalid {bad} accepted: { {f: changes[f] for f in bad} }"
 
 
 @SETTINGS
@@ -313,11 +327,17 @@ def test_command_line_overrides_validate_or_name_a_field(cfg, items):
     except ConfigError as e:
         assert NAMES_A_FIELD.search(str(e)) or "override" in str(e)
         return
-    _check_names_a_field(cfg)
+    msg = _check_names_a_field(cfg)
+    bad = _invalid_alone(cfg, {item.split("=", 1)[0] for item in items})
+    assert not bad or msg is not None, f"invalid {bad} accepted from {items}"
+
+
+# Each example builds an experiment and traces its round (about 1-3 s on a loaded 2-core CPU).
+TRACE_EXAMPLES = 12
 
 
 @settings(
-    max_examples=2,
+    max_examples=TRACE_EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,

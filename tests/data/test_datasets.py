@@ -31,20 +31,45 @@ def _write_idx(path, arr, gz=True, truncate=0):
 
 
 def _fake_mnist_dir(d: pathlib.Path, n=20, truncate_train=0):
+    """Writes the four IDX files and returns ``(x_train, y_train, x_test, y_test)`` as written."""
     rng = np.random.default_rng(0)
-    _write_idx(
-        d / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), truncate=truncate_train
-    )
-    _write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    _write_idx(d / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)), gz=False)
-    _write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 5))
+    x_tr = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    x_tr[0] = 0
+    x_tr[0, 2, 5] = 255  # one bright pixel: row 2, column 5 of the first image
+    y_tr = rng.integers(0, 10, n, dtype=np.uint8)
+    y_tr[:3] = [7, 0, 9]
+    x_te = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    y_te = np.array([3, 1, 4, 1, 5], np.uint8)
+    _write_idx(d / "train-images-idx3-ubyte.gz", x_tr, truncate=truncate_train)
+    _write_idx(d / "train-labels-idx1-ubyte.gz", y_tr)
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", x_te, gz=False)
+    _write_idx(d / "t10k-labels-idx1-ubyte.gz", y_te)
+    return x_tr, y_tr, x_te, y_te
 
 
 def test_idx_roundtrip(tmp_path):
-    _fake_mnist_dir(tmp_path)
+    x_tr, y_tr, x_te, y_te = _fake_mnist_dir(tmp_path)
     ds = load_dataset("mnist", data_dir=str(tmp_path), source="idx")
     assert ds.x_train.shape == (20, 28, 28, 1) and ds.x_test.shape == (5, 28, 28, 1)
-    assert ds.y_train.dtype == np.int32
+    assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
+    # the pixels and labels the files hold, in order and orientation (row-major, row first)
+    np.testing.assert_array_equal(ds.x_train[..., 0], x_tr)
+    np.testing.assert_array_equal(ds.x_test[..., 0], x_te)
+    np.testing.assert_array_equal(ds.y_train, y_tr)
+    np.testing.assert_array_equal(ds.y_test, y_te)
+    assert ds.x_train[0, 2, 5, 0] == 255 and ds.x_train[0].sum() == 255
+    assert ds.y_train[:3].tolist() == [7, 0, 9] and ds.y_test.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_load_idx_reads_the_header_big_endian(tmp_path):
+    # dims 2 x 300 x 3: 300 = 0x0000012c, which a little-endian read would take for 0x2c010000
+    arr = np.arange(1800, dtype=np.int64).reshape(2, 300, 3) % 251
+    _write_idx(tmp_path / "a", arr, gz=False)
+    got = load_idx(tmp_path / "a")
+    assert got.shape == (2, 300, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, arr)
+    raw = (tmp_path / "a").read_bytes()
+    assert raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 1, 0x2C, 0, 0, 0, 3])
 
 
 def test_truncated_idx_names_the_file(tmp_path):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.stats import wasserstein_distance
 from sklearn.cluster import KMeans
 
 from marsjax.defenses.clustering import k_wmeans, kmeans, wasserstein_kmeans
@@ -99,11 +100,107 @@ def test_zero_weight_rows_are_left_out():
 
 
 def test_identical_rows_and_single_valid_row():
+    # All rows alike: every W1 distance is 0, one cluster holds every row at zero inertia.
     cbe = jnp.ones((6, 10))
     res = code_rule(cbe, jnp.ones(6))
-    assert res.labels.shape == (6,) and np.isfinite(np.asarray(res.centers)).all()
-    res = code_rule(cbe, jnp.zeros(6).at[2].set(1.0))
-    assert np.isfinite(np.asarray(res.centers)).all()
+    assert res.labels.shape == (6,) and len(set(np.asarray(res.labels).tolist())) == 1
+    assert float(res.inertia) == 0.0
+    np.testing.assert_array_equal(np.asarray(res.centers)[res.labels[0]], np.zeros(6))
+    # One valid row: it is its own centre (its row of the W1 matrix, columns of the others
+    # zeroed: all zeros), inertia 0.
+    rng = np.random.default_rng(5)
+    res = code_rule(
+        jnp.asarray(rng.uniform(size=(6, 10)), jnp.float32), jnp.zeros(6).at[2].set(1.0)
+    )
+    assert float(res.inertia) == 0.0
+    np.testing.assert_array_equal(np.asarray(res.centers)[res.labels[2]], np.zeros(6))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_hand_worked_1d(weighted):
+    # Points 0, 1, 10, 11 (and 1000 with weight 0). Unweighted: centres 0.5 and 10.5, inertia
+    # 4 * 0.25 = 1. Weights 1, 3, 1, 1: centres (0 + 3) / 4 = 0.75 and 10.5, inertia
+    # 0.75^2 + 3 * 0.25^2 + 2 * 0.25 = 1.25. The weight-0 point moves nothing; it is labelled by
+    # the nearest centre.
+    x = np.array([[0.0], [1.0], [10.0], [11.0], [1000.0]], np.float32)
+    w = np.array([1, 3, 1, 1, 0] if weighted else [1, 1, 1, 1, 0], np.float32)
+    res = jax.jit(lambda x, w: kmeans(KEY, x, w))(jnp.asarray(x), jnp.asarray(w))
+    labels = np.asarray(res.labels)
+    assert labels[0] == labels[1] != labels[2] == labels[3] == labels[4]
+    low, high = (0.75, 1.25) if weighted else (0.5, 1.0)
+    centres = np.asarray(res.centers)[[labels[0], labels[2]], 0]
+    np.testing.assert_allclose(centres, [low, 10.5], rtol=1e-6)
+    np.testing.assert_allclose(float(res.inertia), high, rtol=1e-6)
+    sk = KMeans(2, n_init=10, random_state=0).fit(x[:4], sample_weight=w[:4])
+    np.testing.assert_allclose(sorted(sk.cluster_centers_[:, 0]), [low, 10.5], rtol=1e-6)
+    np.testing.assert_allclose(sk.inertia_, high, rtol=1e-6)
+
+
+def test_kmeans_centres_and_inertia_match_sklearn_on_separated_blobs():
+    rng = np.random.default_rng(6)
+    f = jax.jit(lambda x: kmeans(KEY, x))
+    for _ in range(5):
+        x = rng.standard_normal((30, 8)).astype(np.float32)
+        x[:12] += 6.0
+        ours = f(jnp.asarray(x))
+        sk = KMeans(2, n_init=10, random_state=0).fit(x)
+        labels = np.asarray(ours.labels)
+        assert same_partition(labels, sk.labels_)
+        assert same_partition(labels, np.arange(30) < 12)
+        for c in (0, 1):
+            members = x[labels == c].astype(np.float64)
+            np.testing.assert_allclose(ours.centers[c], members.mean(0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                ours.centers[c], sk.cluster_centers_[sk.labels_[labels == c][0]], atol=1e-4
+            )
+        np.testing.assert_allclose(float(ours.inertia), sk.inertia_, rtol=1e-4)
+
+
+def _scipy_w1_matrix(x: np.ndarray) -> np.ndarray:
+    return np.array([[wasserstein_distance(a, b) for b in x] for a in x])
+
+
+def test_code_rule_centres_and_inertia_are_those_of_the_w1_matrix_rows():
+    # The official rule: 2-means on the rows of the W1 matrix (computed here with scipy), which
+    # k_wmeans divides by its largest entry; centres are the members' mean rows.
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        cbe = federation_cbe(rng, separation=5.0)
+        res = code_rule(jnp.asarray(cbe), jnp.ones(20))
+        d = _scipy_w1_matrix(cbe.astype(np.float64))
+        d = d / d.max()
+        labels = np.asarray(res.labels)
+        assert same_partition(labels, np.arange(20) < 4)
+        centres = np.array([d[labels == c].mean(0) for c in (0, 1)])
+        np.testing.assert_allclose(res.centers, centres, rtol=1e-4, atol=1e-6)
+        inertia = sum(np.sum((d[labels == c] - centres[c]) ** 2) for c in (0, 1))
+        np.testing.assert_allclose(float(res.inertia), inertia, rtol=1e-4)
+        np.testing.assert_allclose(
+            float(res.inertia), KMeans(2, n_init=10, random_state=0).fit(d).inertia_, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("centroid", ["mean", "barycenter"])
+def test_paper_rule_centres_assignment_and_inertia_follow_w1(centroid):
+    # W1 k-means on the rows divided by their largest entry: each centre is the members' mean
+    # (of the sorted rows for the barycentre), each row is nearest (scipy W1) to its own centre,
+    # and the inertia is the sum of the squared W1 distances to the own centre.
+    rng = np.random.default_rng(8)
+    cbe = federation_cbe(rng, separation=2.0).astype(np.float64)
+    res = jax.jit(lambda x: k_wmeans(KEY, x, rule="paper", centroid=centroid))(
+        jnp.asarray(cbe, jnp.float32)
+    )
+    x = cbe / np.abs(cbe).max()
+    labels = np.asarray(res.labels)
+    assert same_partition(labels, np.arange(20) < 4)
+    rows = np.sort(x, axis=1) if centroid == "barycenter" else x
+    centres = np.array([rows[labels == c].mean(0) for c in (0, 1)])
+    np.testing.assert_allclose(res.centers, centres, rtol=1e-4, atol=1e-6)
+    w1 = np.array([[wasserstein_distance(r, c) for c in centres] for r in x])
+    np.testing.assert_array_equal(labels, np.argmin(w1, axis=1))
+    np.testing.assert_allclose(
+        float(res.inertia), np.sum(w1[np.arange(20), labels] ** 2), rtol=1e-4
+    )
 
 
 def test_barycenter_variant_and_traced_once():

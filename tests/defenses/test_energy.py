@@ -486,21 +486,33 @@ def test_a_batchnorm_only_dense_layers_could_take_blocks_only_all_layers():
 
 
 # ----------------------------------------------------------------------------- CBE
-def torch_cbe_layer(values: np.ndarray, kappa: float) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    t = torch.from_numpy(values.astype(np.float32))
-    thr = torch.quantile(t, 1 - kappa)
-    return t[t >= thr].numpy()
+def official_cbe_layer(values: np.ndarray, kappa: float) -> np.ndarray:
+    """The official rule for one layer: keep the values ``>= torch.quantile(BE, 1 - kappa)``, in
+    channel order. ``torch.quantile``'s default interpolation is numpy's ``"linear"`` method, so
+    ``np.quantile(method="linear")`` is the reference (torch is not a dependency)."""
+    v = values.astype(np.float32)
+    thr = np.quantile(v, 1 - kappa, method="linear")
+    return v[v >= thr]
 
 
-def test_cbe_counts_match_torch_quantile():
+def test_official_quantile_rule_by_hand():
+    # 10 values 0..9: the 0.95 quantile interpolates between the sorted 9th and 10th values,
+    # 8 + 0.55 * (9 - 8) = 8.55 (position 0.95 * (10 - 1) = 8.55): only 9 is kept; at kappa 0.5
+    # the quantile is 4.5 and 5..9 are kept, in channel order.
+    v = np.array([9, 0, 8, 1, 7, 2, 6, 3, 5, 4], np.float32)
+    np.testing.assert_array_equal(official_cbe_layer(v, 0.05), [9])
+    np.testing.assert_array_equal(official_cbe_layer(v, 0.5), [9, 8, 7, 6, 5])
+    assert cbe_counts([10], 0.05) == (1,) and cbe_counts([10], 0.5) == (5,)
+
+
+def test_cbe_counts_match_the_official_quantile_rule():
     rng = np.random.default_rng(5)
     for kappa in (0.05, 0.01, 0.1, 0.2, 0.5, 1.0):
         sizes = list(range(1, 140)) + [255, 256, 257, 511, 512, 1000, 2048]
         counts = cbe_counts(sizes, kappa)
         for n, c in zip(sizes, counts):
             vals = rng.permutation(n).astype(np.float32) + rng.uniform(0, 0.5, n).astype(np.float32)
-            assert len(torch_cbe_layer(vals, kappa)) == c, (n, kappa)
+            assert len(official_cbe_layer(vals, kappa)) == c, (n, kappa)
     assert cbe_counts([64, 128, 256, 512]) == (4, 7, 13, 26)
 
 
@@ -508,7 +520,7 @@ def test_cbe_keeps_channel_order_like_the_official_rule():
     rng = np.random.default_rng(6)
     layers = [rng.standard_normal(n).astype(np.float32) for n in (64, 128, 37, 512, 1)]
     got = np.asarray(concentrated_backdoor_energy([jnp.asarray(v) for v in layers]))
-    want = np.concatenate([torch_cbe_layer(v, 0.05) for v in layers])
+    want = np.concatenate([official_cbe_layer(v, 0.05) for v in layers])
     np.testing.assert_array_equal(got, want)
     # jit + vmap over a batch of clients, static length
     batch = [jnp.asarray(np.stack([v, v[::-1]])) for v in layers]
@@ -518,13 +530,13 @@ def test_cbe_keeps_channel_order_like_the_official_rule():
 
 
 def test_cbe_ties_keep_lowest_channel_indices():
-    # The threshold sits on a tie: torch keeps all 6 values >= thr, we keep the static count (4),
-    # taking the tied channels of lowest index, in channel order.
+    # The threshold sits on a tie: the official rule keeps all 6 values >= thr, we keep the static
+    # count (4), taking the tied channels of lowest index, in channel order.
     v = np.array([3.0, 9.0, 3.0, 3.0, 3.0, 3.0] + [0.0] * 58, np.float32)
     assert cbe_counts([64]) == (4,)
     out = concentrated_backdoor_energy([jnp.asarray(v)])
     np.testing.assert_array_equal(out, [3.0, 9.0, 3.0, 3.0])
-    assert len(torch_cbe_layer(v, 0.05)) == 6
+    assert len(official_cbe_layer(v, 0.05)) == 6
 
 
 # ----------------------------------------------------------------------- LAPACK calls in order
