@@ -234,3 +234,12 @@ def test_batched_variants_take_the_decisions_of_separate_runs(tmp_path, digits):
             v = alone["summary"][k]
             v = None if v is None or not math.isfinite(v) else v
             assert _same(row[k], v), (eps, k, row[k], v)
+    # a batched run records its provenance like a single one
+    from marsjax import provenance
+
+    for row in rows:
+        run_dir = tmp_path / "eps" / "runs" / row["id"]
+        for name in ("config.json", "summary.json"):
+            rec = json.loads((run_dir / name).read_text())
+            assert rec["commit"] == provenance.git_state()["commit"], name
+            assert rec["provenance"]["versions"]["jax"], name

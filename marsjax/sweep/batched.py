@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from marsjax import provenance
 from marsjax.config import (
     to_dict,
 )
@@ -160,7 +161,8 @@ def run_batched(
     for r in runs:
         r.out_dir.mkdir(parents=True, exist_ok=True)
         _clear(r.out_dir)
-        (r.out_dir / "config.json").write_text(json.dumps(to_dict(r.config), indent=2) + "\n")
+        record = provenance.with_provenance(to_dict(r.config))
+        (r.out_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     records: list[list[dict]] = [[] for _ in runs]
     t0 = time.perf_counter()
     n = len(runs)

@@ -46,7 +46,7 @@ def _clear(out: pathlib.Path) -> None:
 
 def _finish_run(cfg: ExperimentConfig, records: list[dict], wall_s: float) -> dict:
     """Writes summary.json, summary.md and curves.png of a run as simulation.run does."""
-    from marsjax import report, run_logs
+    from marsjax import provenance, report, run_logs
     from marsjax.defenses import NO_DETECTION
     from marsjax.metrics import summarize
 
@@ -64,6 +64,7 @@ def _finish_run(cfg: ExperimentConfig, records: list[dict], wall_s: float) -> di
         rounds=len(records),
         wall_s=wall_s,
     )
+    summary = provenance.with_provenance(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(report.summary_markdown([summary]))
     try:
