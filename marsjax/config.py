@@ -672,9 +672,12 @@ def _quickstart(defense: str = "mars") -> ExperimentConfig:
 
     MARS's no-attack threshold is 0.1 here instead of the paper's 0.03: epsilon is in units of
     backdoor energy, which depend on the model, and on this tiny network (3 CBE values, clients of
-    ~48 samples) benign rounds reach inter-cluster gaps of 0.01-0.2, so 0.03 rejects ~20% of
-    benign clients in rounds without attack; 0.1 keeps that under 3% and still catches every MRA
-    upload (measured; see experiments/README.md, the epsilon sweep).
+    ~48 samples) benign rounds reach inter-cluster gaps above 0.03. Measured over 30 rounds
+    (``experiments/configs/quickstart_epsilon.py``, results in
+    ``experiments/results/quickstart/epsilon/``): without attack epsilon 0.03 flags 19 % of the
+    benign clients, 0.1 flags 2.3 % and 0.2 none; under MRA epsilon 0.1 rejects both attackers in
+    29 of the 30 rounds (TPR 96.7, FPR 0), while from epsilon 1 on MARS declares "no attack" too
+    often (TPR 63.3, ASR 85.8).
     """
     demo = _demo(defense)
     options = {"epsilon": 0.1} if defense in ("mars", "mars_star") else {}
