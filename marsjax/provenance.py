@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = ["PACKAGES", "PROVENANCE_KEYS", "git_state", "provenance", "with_provenance"]
 
+_CODE_PATHS = (".", ":(exclude)experiments/results", ":(exclude)benchmarks/results")
 PROVENANCE_KEYS = ("commit", "dirty", "provenance")
 PACKAGES = (
     "marsjax",
@@ -49,15 +50,16 @@ def _git(args: list[str], cwd: pathlib.Path) -> str | None:
 def git_state() -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout marsjax is imported from.
 
-    ``dirty`` means a tracked file differs from the commit (untracked files, such as new results,
-    do not count). Both are ``None`` when marsjax is not imported from a git checkout (an
+    ``dirty`` means a tracked file differs from the commit. Untracked files and the results
+    folders (``experiments/results``, ``benchmarks/results``: a rerun replaces committed results
+    there) do not count. Both are ``None`` when marsjax is not imported from a git checkout (an
     installed wheel).
     """
     src = pathlib.Path(__file__).resolve().parent.parent
     commit = _git(["rev-parse", "HEAD"], src)
     if not commit:
         return {"commit": None, "dirty": None}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], src)
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", *_CODE_PATHS], src)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

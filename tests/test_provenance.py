@@ -79,7 +79,7 @@ def test_dirty_flag_follows_tracked_changes(monkeypatch):
             provenance, "_git", lambda a, c: {"rev-parse": "b" * 40, "status": ""}[a[0]]
         )
         assert provenance.git_state() == {"commit": "b" * 40, "dirty": False}
-        assert ["status", "--porcelain", "--untracked-files=no"] in calls
+        assert any(c[:3] == ["status", "--porcelain", "--untracked-files=no"] for c in calls)
     finally:
         provenance.git_state.cache_clear()
 
@@ -91,3 +91,25 @@ def test_no_checkout_gives_none(monkeypatch):
         assert provenance.git_state() == {"commit": None, "dirty": None}
     finally:
         provenance.git_state.cache_clear()
+
+
+def test_changed_results_do_not_make_the_tree_dirty(tmp_path):
+    """A results folder replaced by a rerun is not a code change; a source file is."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "marsjax").mkdir(parents=True)
+    (repo / "experiments" / "results").mkdir(parents=True)
+    (repo / "marsjax" / "m.py").write_text("x = 1\n")
+    (repo / "experiments" / "results" / "r.json").write_text("{}\n")
+    run = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    run("init", "-q")
+    run("-c", "user.email=a@b", "-c", "user.name=a", "add", ".")
+    run("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x")
+    status = lambda: provenance._git(
+        ["status", "--porcelain", "--untracked-files=no", "--", *provenance._CODE_PATHS], repo
+    )
+    shutil.rmtree(repo / "experiments" / "results")
+    assert status() == ""
+    (repo / "marsjax" / "m.py").write_text("x = 2\n")
+    assert status() != ""
