@@ -7,7 +7,8 @@ One round (mars_spec §1, Algorithm 1, the official ``defenses/mars.py``):
 2. backdoor energy per conv channel and its concentrated top-kappa part, a ``[N, M]`` CBE matrix
    (:mod:`marsjax.mars.energy`, ``vmap`` over clients);
 3. split the clients in two by K-WMeans (:func:`marsjax.mars.clustering.k_wmeans`; by default the
-   official code's rule, Euclidean 2-means on the rows of the pairwise W1 matrix);
+   official code's rule, Euclidean 2-means on the rows of the pairwise W1 matrix; the option
+   ``distance="euclidean"`` / ``"cosine"`` replaces W1 here and in step 4, the paper's Table 7);
 4. cluster centers ``A_1, A_2`` = elementwise means of the members' CBE vectors; if
    ``W1(A_1, A_2) <= epsilon`` nobody is rejected, else the cluster whose center has the smaller L1
    norm is kept (``select="min_l1"``; MARS* keeps the larger cluster, ``select="majority"``);
@@ -46,13 +47,63 @@ from marsjax.mars.energy import (
     energy_layout,
     module_call_order,
 )
-from marsjax.mars.wasserstein import wasserstein_1d, wasserstein_to_rows
+from marsjax.mars.wasserstein import wasserstein_1d, wasserstein_matrix, wasserstein_to_rows
 from marsjax.tree import row_is_finite, weighted_mean
 from marsjax.types import Key, Updates, Variables
 
-__all__ = ["MarsDecision", "MarsState", "mars", "mars_cbe", "mars_select", "model_energy_layout"]
+__all__ = [
+    "DISTANCES",
+    "MarsDecision",
+    "MarsState",
+    "cbe_distance_matrix",
+    "cbe_distance_to_rows",
+    "mars",
+    "mars_cbe",
+    "mars_select",
+    "model_energy_layout",
+]
 
 _INVALID_SCORE = float(jnp.finfo(jnp.float32).max)
+
+# Distances between CBE vectors (the paper's Table 7 compares the three; W1 is MARS's).
+DISTANCES = ("wasserstein", "euclidean", "cosine")
+Distance = Literal["wasserstein", "euclidean", "cosine"]
+
+
+def cbe_distance_to_rows(x: jax.Array, rows: jax.Array, distance: Distance) -> jax.Array:
+    """``[N, K]`` distances from every row of ``x`` ``[N, M]`` to every row of ``rows`` ``[K, M]``.
+
+    ``"wasserstein"``: W1 between the values as uniform empirical distributions
+    (:func:`~marsjax.mars.wasserstein.wasserstein_to_rows`, = ``scipy.stats.wasserstein_distance``);
+    ``"euclidean"``: ``||a - b||_2``; ``"cosine"``: ``1 - a.b / (||a|| ||b||)``
+    (``scipy.spatial.distance.cosine``; a zero vector counts as orthogonal to everything, where
+    scipy returns NaN).
+    """
+    if distance == "wasserstein":
+        return wasserstein_to_rows(x, rows)
+    x = x.astype(jnp.float32)
+    rows = rows.astype(jnp.float32)
+    if distance == "euclidean":
+        diff = x[:, None, :] - rows[None, :, :]
+        return jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))
+    if distance == "cosine":
+        nx = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+        nr = jnp.sqrt(jnp.sum(jnp.square(rows), axis=-1))
+        dot = jnp.einsum("nm,km->nk", x, rows, precision=jax.lax.Precision.HIGHEST)
+        denom = nx[:, None] * nr[None, :]
+        sim = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+        return jnp.maximum(1.0 - sim, 0.0)
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def cbe_distance_matrix(x: jax.Array, distance: Distance) -> jax.Array:
+    """``[N, N]`` pairwise distances between the CBE rows ``x`` (see :func:`cbe_distance_to_rows`);
+    ``"wasserstein"`` is :func:`~marsjax.mars.wasserstein.wasserstein_matrix`."""
+    if distance == "wasserstein":
+        return wasserstein_matrix(x)
+    d = cbe_distance_to_rows(x, x, distance)
+    d = 0.5 * (d + d.T)  # exactly symmetric
+    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d)
 
 
 class MarsState(NamedTuple):
@@ -182,6 +233,7 @@ def mars_select(
     n_init: int = 10,
     max_iter: int = 300,
     tol: float = 1e-4,
+    distance: Distance = "wasserstein",
 ) -> MarsDecision:
     """Clusters the CBE rows in two and decides whom to accept (Algorithm 1, lines 12-22).
 
@@ -196,11 +248,16 @@ def mars_select(
       n_init: k-means restarts.
       max_iter: Lloyd iteration cap.
       tol: k-means relative tolerance.
+      distance: between CBE vectors, everywhere W1 is used (the matrix the clustering reads, the
+        gap of the centers, the scores): ``"wasserstein"`` (MARS), ``"euclidean"`` or
+        ``"cosine"`` (the paper's Table 7). The other two need ``clustering="code"``; ``epsilon``
+        is then in their units.
 
     Returns:
       :class:`MarsDecision`. With fewer than two valid rows, or a cluster without valid members,
       every valid row is accepted.
     """
+    _check_distance(distance, clustering)
     cbe = jnp.where(valid[:, None], cbe.astype(jnp.float32), 0.0)
     result = k_wmeans(
         key,
@@ -212,6 +269,7 @@ def mars_select(
         n_init=n_init,
         max_iter=max_iter,
         tol=tol,
+        distances=None if distance == "wasserstein" else cbe_distance_matrix(cbe, distance),
     )
     labels = result.labels
     member = (labels[:, None] == jnp.arange(2)[None, :]) & valid[:, None]  # [N, 2]
@@ -219,7 +277,10 @@ def mars_select(
     centers = jnp.einsum(
         "nk,nm->km", member.astype(jnp.float32), cbe, precision=jax.lax.Precision.HIGHEST
     ) / jnp.maximum(size, 1)[:, None].astype(jnp.float32)
-    gap = wasserstein_1d(centers[0], centers[1])
+    if distance == "wasserstein":
+        gap = wasserstein_1d(centers[0], centers[1])
+    else:
+        gap = cbe_distance_to_rows(centers[:1], centers[1:], distance)[0, 0]
     by_l1 = jnp.argmin(jnp.sum(jnp.abs(centers), axis=1))
     if select == "min_l1":
         kept = by_l1
@@ -229,14 +290,22 @@ def mars_select(
         raise ValueError(f"select must be 'min_l1' or 'majority', got {select!r}")
     attack = (gap > epsilon) & (jnp.min(size) > 0)
     accepted = valid & (~attack | (labels == kept))
-    to_kept = wasserstein_to_rows(cbe, centers[kept][None, :])[:, 0]
+    to_kept = cbe_distance_to_rows(cbe, centers[kept][None, :], distance)[:, 0]
     scores = jnp.where(valid, to_kept, _INVALID_SCORE)
     return MarsDecision(accepted, scores, labels, centers, gap, attack, kept.astype(jnp.int32))
 
 
-def _check_args(kappa, epsilon, clustering, select, layers) -> None:
+def _check_distance(distance, clustering) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if distance != "wasserstein" and clustering != "code":
+        raise ValueError(f"distance={distance!r} needs clustering='code' (k-means on its matrix)")
+
+
+def _check_args(kappa, epsilon, clustering, select, layers, distance="wasserstein") -> None:
     if clustering not in ("code", "paper"):
         raise ValueError(f"clustering must be 'code' or 'paper', got {clustering!r}")
+    _check_distance(distance, clustering)
     if select not in ("min_l1", "majority"):
         raise ValueError(f"select must be 'min_l1' or 'majority', got {select!r}")
     if layers not in ("conv_bn", "all"):
@@ -261,6 +330,7 @@ def mars(
     tol: float = 1e-4,
     layout: EnergyLayout | None = None,
     chunk_size: int | None = None,
+    distance: Distance = "wasserstein",
 ) -> Defense:
     """The MARS defense (``select="majority"`` gives MARS*).
 
@@ -282,6 +352,8 @@ def mars(
         ``global_variables`` when ``apply`` is traced, in the dict's own order, which is only right
         if the dict kept the definition order (see :mod:`marsjax.mars.energy`).
       chunk_size: compute the CBEs ``chunk_size`` clients at a time (``None``: all at once).
+      distance: between CBE vectors: ``"wasserstein"`` (MARS), ``"euclidean"`` or ``"cosine"``
+        (Table 7; :func:`mars_select`).
 
     Returns:
       A :class:`~marsjax.defenses.base.Defense`. ``apply`` returns ``accepted`` in {0, 1} and
@@ -289,7 +361,7 @@ def mars(
       rule keeps (computed even when no attack is declared; higher = farther from the benign
       group); excluded rows score ``float32.max``.
     """
-    _check_args(kappa, epsilon, clustering, select, layers)
+    _check_args(kappa, epsilon, clustering, select, layers, distance)
     if layout is not None and not layout:
         raise ValueError("layout has no layers to score")
 
@@ -334,6 +406,7 @@ def mars(
             n_init=n_init,
             max_iter=max_iter,
             tol=tol,
+            distance=distance,
         )
         accepted = decision.accepted.astype(jnp.float32)
         update = weighted_mean(updates, accepted * client_weights)
@@ -370,13 +443,15 @@ def _build(
     max_iter: int = 300,
     tol: float = 1e-4,
     chunk_size: int | None = None,
+    distance: Distance = "wasserstein",
 ) -> Defense:
     """Registry hook for ``"mars"``: :func:`mars` with the layer layout traced from ``ctx.model``.
 
     The layout comes from ``ctx.model`` called on a ``[1, *ctx.image_shape]`` float32 input, in call
     order, so it does not depend on the order of the variables dict's keys.
     """
-    _check_args(kappa, epsilon, clustering, select, layers)  # before ctx: validate() runs these
+    # before ctx: validate() runs these
+    _check_args(kappa, epsilon, clustering, select, layers, distance)
     layout = None
     if ctx.model is not None:
         x = jax.ShapeDtypeStruct((1, *ctx.image_shape), jnp.float32)
@@ -397,6 +472,7 @@ def _build(
         tol=tol,
         layout=layout,
         chunk_size=chunk_size,
+        distance=distance,
     )
 
 
@@ -412,6 +488,7 @@ def _build_star(
     max_iter: int = 300,
     tol: float = 1e-4,
     chunk_size: int | None = None,
+    distance: Distance = "wasserstein",
 ) -> Defense:
     """Registry hook for ``"mars_star"``: MARS* (keeps the majority cluster, paper §5.2)."""
     return _build(
@@ -427,4 +504,5 @@ def _build_star(
         max_iter=max_iter,
         tol=tol,
         chunk_size=chunk_size,
+        distance=distance,
     )
