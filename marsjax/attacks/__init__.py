@@ -9,8 +9,12 @@ from __future__ import annotations
 from marsjax.attacks._3dfed import ThreeDFedState, threedfed
 from marsjax.attacks._adaptive import adaptive_mars
 from marsjax.attacks._badnets import badnets, no_attack
+from marsjax.attacks._byzantine import ipm, label_flipping, lie, min_max, min_sum
 from marsjax.attacks._cerp import CerPState, cerp
+from marsjax.attacks._dba import dba
 from marsjax.attacks._mra import model_replacement
+from marsjax.attacks._neurotoxin import NeurotoxinState, neurotoxin
+from marsjax.attacks._partial import partial_layer
 from marsjax.attacks.base import Attack, AttackContext, CraftContext, EmptyState
 
 __all__ = [
@@ -20,13 +24,22 @@ __all__ = [
     "CerPState",
     "CraftContext",
     "EmptyState",
+    "NeurotoxinState",
     "ThreeDFedState",
     "adaptive_mars",
     "badnets",
     "cerp",
+    "dba",
+    "ipm",
+    "label_flipping",
+    "lie",
     "make",
+    "min_max",
+    "min_sum",
     "model_replacement",
+    "neurotoxin",
     "no_attack",
+    "partial_layer",
     "threedfed",
 ]
 
@@ -37,6 +50,15 @@ REGISTRY = {
     "3dfed": threedfed,
     "cerp": cerp,
     "adaptive": adaptive_mars,
+    # Appendix and common FL attacks (issue 14)
+    "partial": partial_layer,
+    "dba": dba,
+    "neurotoxin": neurotoxin,
+    "lfa": label_flipping,
+    "lie": lie,
+    "ipm": ipm,
+    "minmax": min_max,
+    "minsum": min_sum,
 }
 
 
