@@ -147,8 +147,10 @@ def neurotoxin(
     max_slots = max(1, min(ctx.clients_per_round, ctx.num_attackers))
 
     def init(global_variables) -> NeurotoxinState:
+        # A copy: the round donates the state, which must not share buffers with the model.
+        params = dict(global_variables)["params"]
         return NeurotoxinState(
-            jax.tree.map(jnp.asarray, dict(global_variables)["params"]), jnp.int32(0)
+            jax.tree.map(lambda x: jnp.array(x, copy=True), params), jnp.int32(0)
         )
 
     def craft(key, updates, state: NeurotoxinState, c: CraftContext):
