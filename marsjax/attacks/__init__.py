@@ -12,6 +12,7 @@ from marsjax.attacks._badnets import badnets, no_attack
 from marsjax.attacks._byzantine import ipm, label_flipping, lie, min_max, min_sum
 from marsjax.attacks._cerp import CerPState, cerp
 from marsjax.attacks._dba import dba
+from marsjax.attacks._dyn import DynState, dyn
 from marsjax.attacks._mra import model_replacement
 from marsjax.attacks._neurotoxin import NeurotoxinState, neurotoxin
 from marsjax.attacks._partial import partial_layer
@@ -23,6 +24,7 @@ __all__ = [
     "AttackContext",
     "CerPState",
     "CraftContext",
+    "DynState",
     "EmptyState",
     "NeurotoxinState",
     "ThreeDFedState",
@@ -30,6 +32,7 @@ __all__ = [
     "badnets",
     "cerp",
     "dba",
+    "dyn",
     "ipm",
     "label_flipping",
     "lie",
@@ -59,6 +62,7 @@ REGISTRY = {
     "ipm": ipm,
     "minmax": min_max,
     "minsum": min_sum,
+    "dyn": dyn,
 }
 
 
