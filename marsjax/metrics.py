@@ -68,15 +68,41 @@ def make_evaluate(
     trigger_fn: Callable[[jax.Array, object], jax.Array],
     target_label: int,
     batch_size: int = 1000,
+    asr_images: np.ndarray | None = None,
 ):
     """Builds a jitted ``evaluate(variables, attack_state, x_test, y_test) -> dict`` (percent).
 
     The test set is processed in ``batch_size`` chunks (``lax.map``); the last chunk is padded and
     masked. Returned keys: ``acc``, ``asr``, ``asr_excl_target``, ``loss``.
+
+    ``asr_images`` (``[M, H, W, C]`` uint8, an attack's own backdoor set, e.g. the held-out part
+    of a semantic backdoor's subset; none of its images may belong to the target class): when
+    given, ``asr`` and ``asr_excl_target`` are both the share of these images, passed through
+    ``trigger_fn``, classified as the target, instead of the triggered test set's.
     """
 
     def logits_of(variables, x):
         return model.apply(variables, normalize(x), train=False)
+
+    def chunked(x, b):
+        """``[chunks, b, ...]`` padded chunks of ``x`` and their ``[chunks, b]`` validity mask."""
+        n = x.shape[0]
+        chunks = -(-n // b)
+        pad = chunks * b - n
+        xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+        valid = jnp.arange(chunks * b) < n
+        return xs.reshape(chunks, b, *x.shape[1:]), valid.reshape(chunks, b)
+
+    def own_asr(variables, attack_state):
+        x = jnp.asarray(asr_images)
+        xs, valid = chunked(x, min(batch_size, x.shape[0]))
+
+        def one(args):
+            xb, v = args
+            pred = jnp.argmax(logits_of(variables, trigger_fn(xb, attack_state)), -1)
+            return jnp.sum((pred == target_label) & v)
+
+        return 100.0 * jnp.sum(jax.lax.map(one, (xs, valid))) / x.shape[0]
 
     @jax.jit
     def evaluate(variables, attack_state, x_test, y_test):
@@ -111,12 +137,15 @@ def make_evaluate(
         correct, hits, hits_nt, n_nt, loss = jax.tree.map(
             jnp.sum, jax.lax.map(one, (xs, ys, valid))
         )
-        return {
+        out = {
             "acc": 100.0 * correct / n,
             "asr": 100.0 * hits / n,
             "asr_excl_target": 100.0 * hits_nt / jnp.maximum(n_nt, 1),
             "loss": loss / n,
         }
+        if asr_images is not None:
+            out["asr"] = out["asr_excl_target"] = own_asr(variables, attack_state)
+        return out
 
     return evaluate
 

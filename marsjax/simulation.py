@@ -221,6 +221,7 @@ def build(
         num_attackers=num_attackers,
         clients_per_round=m,
         attackers_per_round=expected_attackers,
+        dataset=ds,
     )
     attack = attacks.make(a.name, actx, **a.options)
     server_data = None
@@ -394,7 +395,14 @@ def build(
     )
     if mesh is None:
         data = ClientData(*(jnp.asarray(x) for x in data))
-    evaluate = make_evaluate(model, normalize, attack.trigger, a.target_label, r.eval_batch_size)
+    evaluate = make_evaluate(
+        model,
+        normalize,
+        attack.trigger,
+        a.target_label,
+        r.eval_batch_size,
+        asr_images=attack.asr_images,
+    )
 
     def init_state() -> RoundState:
         root = jax.random.key(r.seed)

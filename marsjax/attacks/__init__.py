@@ -16,6 +16,7 @@ from marsjax.attacks._dyn import DynState, dyn
 from marsjax.attacks._mra import model_replacement
 from marsjax.attacks._neurotoxin import NeurotoxinState, neurotoxin
 from marsjax.attacks._partial import partial_layer
+from marsjax.attacks._semantic import semantic
 from marsjax.attacks.base import Attack, AttackContext, CraftContext, EmptyState
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "neurotoxin",
     "no_attack",
     "partial_layer",
+    "semantic",
     "threedfed",
 ]
 
@@ -63,6 +65,7 @@ REGISTRY = {
     "minmax": min_max,
     "minsum": min_sum,
     "dyn": dyn,
+    "semantic": semantic,
 }
 
 

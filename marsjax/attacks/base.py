@@ -51,12 +51,16 @@ class Attack(NamedTuple):
       malicious rows (scaling, a shared backdoored model, 3DFed's masks and indicators); it runs
       only in rounds where the attack is active.
     * ``trigger(x_uint8 [B, ...], state) -> x``: stamps the backdoor trigger on test images (ASR).
+    * ``asr_images``: ``None`` (the ASR is measured on the triggered test set), or ``[M, H, W, C]``
+      uint8 images (host numpy) on which it is measured instead, each through ``trigger``: the
+      attack's own backdoor set (the held-out part of a semantic backdoor's subset).
     """
 
     init: Callable[[Variables], AttackState]
     poison: Callable[[Key, jax.Array, jax.Array, AttackState], tuple[jax.Array, jax.Array]]
     craft: Callable[[Key, Updates, AttackState, CraftContext], tuple[Updates, AttackState]]
     trigger: Callable[[jax.Array, AttackState], jax.Array]
+    asr_images: Any = None
 
 
 class AttackContext(NamedTuple):
@@ -75,6 +79,8 @@ class AttackContext(NamedTuple):
       num_attackers: malicious clients in the federation.
       clients_per_round: N.
       attackers_per_round: attackers among them (configured or expected).
+      dataset: the loaded :class:`~marsjax.data.Dataset` (host numpy; attacks that select
+        training images by content, such as the semantic backdoor), or ``None``.
     """
 
     model: nn.Module
@@ -89,3 +95,4 @@ class AttackContext(NamedTuple):
     num_attackers: int
     clients_per_round: int
     attackers_per_round: int
+    dataset: Any = None
