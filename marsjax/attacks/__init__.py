@@ -7,6 +7,7 @@ from ``AttackConfig.options`` and are checked against the signature before anyth
 from __future__ import annotations
 
 from marsjax.attacks._3dfed import ThreeDFedState, threedfed
+from marsjax.attacks._a3fl import A3FLState, a3fl
 from marsjax.attacks._adaptive import adaptive_mars
 from marsjax.attacks._badnets import badnets, no_attack
 from marsjax.attacks._byzantine import ipm, label_flipping, lie, min_max, min_sum
@@ -21,6 +22,7 @@ from marsjax.attacks.base import Attack, AttackContext, CraftContext, EmptyState
 
 __all__ = [
     "REGISTRY",
+    "A3FLState",
     "Attack",
     "AttackContext",
     "CerPState",
@@ -29,6 +31,7 @@ __all__ = [
     "EmptyState",
     "NeurotoxinState",
     "ThreeDFedState",
+    "a3fl",
     "adaptive_mars",
     "badnets",
     "cerp",
@@ -66,6 +69,7 @@ REGISTRY = {
     "minsum": min_sum,
     "dyn": dyn,
     "semantic": semantic,
+    "a3fl": a3fl,
 }
 
 
