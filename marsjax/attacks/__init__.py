@@ -12,6 +12,7 @@ from marsjax.attacks._adaptive import adaptive_mars
 from marsjax.attacks._badnets import badnets, no_attack
 from marsjax.attacks._byzantine import ipm, label_flipping, lie, min_max, min_sum
 from marsjax.attacks._cerp import CerPState, cerp
+from marsjax.attacks._chameleon import chameleon
 from marsjax.attacks._dba import dba
 from marsjax.attacks._dyn import DynState, dyn
 from marsjax.attacks._mra import model_replacement
@@ -35,6 +36,7 @@ __all__ = [
     "adaptive_mars",
     "badnets",
     "cerp",
+    "chameleon",
     "dba",
     "dyn",
     "ipm",
@@ -70,6 +72,7 @@ REGISTRY = {
     "dyn": dyn,
     "semantic": semantic,
     "a3fl": a3fl,
+    "chameleon": chameleon,
 }
 
 
