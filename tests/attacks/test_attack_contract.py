@@ -60,6 +60,13 @@ FAST_ATTACK = {
     "partial": {"poison_steps": 2, "convs": 1},
     "dba": {"poison_steps": 2},
     "neurotoxin": {"poison_steps": 2},
+    "a3fl": {"trigger_steps": 2, "adv_steps": 1, "adv_every": 1, "poison_steps": 2},
+    "chameleon": {"poison_steps": 2},
+}
+FAST_ATTACK["dyn"] = {
+    "threedfed_options": FAST_ATTACK["3dfed"],
+    "cerp_options": FAST_ATTACK["cerp"],
+    "mra_options": FAST_ATTACK["mra"],
 }
 # Defenses cut down as in tests/defenses/test_registry_contract.py.
 FAST_DEFENSE = {
@@ -70,7 +77,20 @@ FAST_DEFENSE = {
 }
 
 # The default suite's subset (the full product: MARSJAX_FULL_CONTRACT=1, see the docstring).
-NEW_ATTACKS = ("partial", "dba", "neurotoxin", "lfa", "lie", "ipm", "minmax", "minsum")
+NEW_ATTACKS = (
+    "partial",
+    "dba",
+    "neurotoxin",
+    "lfa",
+    "lie",
+    "ipm",
+    "minmax",
+    "minsum",
+    "dyn",
+    "semantic",
+    "a3fl",
+    "chameleon",
+)
 DEFAULT_SHARED = ("none", *NEW_ATTACKS)
 DEFAULT_ROUNDS = [("neurotoxin", "mars"), ("partial", "mars")]
 FULL = os.environ.get("MARSJAX_FULL_CONTRACT", "") not in ("", "0")
