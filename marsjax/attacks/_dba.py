@@ -32,13 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from marsjax.attacks._mra import (
-    attacker_ranks,
     check_common,
     forward,
     identity_poison,
     make_backdoor_trainer,
+    train_each_attacker,
     tree_sub,
-    write_rows,
 )
 from marsjax.attacks.base import Attack, AttackContext, CraftContext, EmptyState
 from marsjax.client import cross_entropy_loss
@@ -90,33 +89,6 @@ def poisoned_ce_loss(ctx: AttackContext, stamp: Callable, params_fn: Callable | 
         return cross_entropy_loss(logits, ys), new_bs
 
     return loss_fn
-
-
-def train_each_attacker(
-    key,
-    updates,
-    c: CraftContext,
-    max_slots: int,
-    one: Callable,
-):
-    """Writes ``one(key_j, row)`` (a delta tree) into the row of every attacker of the round.
-
-    The attackers are visited in order of client id (slot ``j`` = rank ``j``); slots beyond the
-    round's attackers are skipped (``lax.cond``). ``max_slots`` is static.
-    """
-    mal = c.is_malicious
-    rank = attacker_ranks(c.client_ids, mal)
-    n_adv = jnp.sum(mal)
-    keys = jax.random.split(key, max_slots)
-
-    def body(j, out):
-        def do(out):
-            hit = rank == j
-            return write_rows(out, hit, one(keys[j], jnp.argmax(hit)))
-
-        return jax.lax.cond(j < n_adv, do, lambda o: o, out)
-
-    return jax.lax.fori_loop(0, max_slots, body, updates)
 
 
 def dba(

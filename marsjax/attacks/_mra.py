@@ -9,6 +9,9 @@ One backdoored model is trained from the current global model ``θ_G`` with the 
 (the L2 norm over all trainable parameters, not squared), for ``poison_epochs`` epochs of SGD with
 ``lr`` (MARS: 0.055, momentum 0.9, weight decay 5e-4). Its update is multiplied by ``scale``
 (``fl_weight_scale`` = 5) and uploaded by every attacker of the round (identical rows).
+``uploads="own"`` instead trains one model per attacker, each on its own shard from ``θ_G`` with
+its own key (distinct rows; an ablation: identical rows give each attacker zero distance to the
+others, which matters to distance-based defenses such as Multi-Krum).
 
 This module also holds the pieces that MRA shares with CerP, 3DFed and the adaptive attack:
 choosing the attackers' training data (:func:`attacker_data`), the blind loss
@@ -42,6 +45,7 @@ from marsjax.types import Variables
 
 __all__ = [
     "DATA_MODES",
+    "UPLOAD_MODES",
     "attacker_data",
     "attacker_ranks",
     "forward",
@@ -56,6 +60,7 @@ __all__ = [
 ]
 
 DATA_MODES = ("first", "pooled")
+UPLOAD_MODES = ("shared", "own")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +144,33 @@ def forward(model, normalize, params, batch_stats, x, train: bool = True):
             return logits, new["batch_stats"]
         return model.apply(variables, normalize(x), train=False), batch_stats
     return model.apply(variables, normalize(x), train=train), batch_stats
+
+
+def train_each_attacker(
+    key,
+    updates,
+    c: CraftContext,
+    max_slots: int,
+    one: Callable,
+):
+    """Writes ``one(key_j, row)`` (a delta tree) into the row of every attacker of the round.
+
+    The attackers are visited in order of client id (slot ``j`` = rank ``j``); slots beyond the
+    round's attackers are skipped (``lax.cond``). ``max_slots`` is static.
+    """
+    mal = c.is_malicious
+    rank = attacker_ranks(c.client_ids, mal)
+    n_adv = jnp.sum(mal)
+    keys = jax.random.split(key, max_slots)
+
+    def body(j, out):
+        def do(out):
+            hit = rank == j
+            return write_rows(out, hit, one(keys[j], jnp.argmax(hit)))
+
+        return jax.lax.cond(j < n_adv, do, lambda o: o, out)
+
+    return jax.lax.fori_loop(0, max_slots, body, updates)
 
 
 def stamp_fn(ctx: AttackContext) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -260,6 +292,7 @@ def model_replacement(
     batch_size: int | None = None,
     loss_weights: tuple[float, float, float] = (0.3, 0.3, 0.4),
     data: str = "first",
+    uploads: str = "shared",
 ) -> Attack:
     """Model replacement: one blind-loss backdoored update, scaled, uploaded by every attacker.
 
@@ -271,9 +304,14 @@ def model_replacement(
       poison_steps: a fixed number of steps instead of epochs (tests).
       batch_size: attacker batch size (default: the benign clients').
       loss_weights: ``(clean CE, poisoned CE, distance)`` weights (0.3, 0.3, 0.4).
-      data: ``"first"`` or ``"pooled"`` (see :func:`attacker_data`).
+      data: ``"first"`` or ``"pooled"`` (see :func:`attacker_data`); with ``uploads="own"``
+        each attacker trains on its own shard and ``data`` is not used.
+      uploads: ``"shared"`` (default, the official code: one model, identical rows) or
+        ``"own"`` (one model per attacker; costs one backdoor training per attacker).
     """
     check_common(lr, poison_epochs, poison_steps, data, batch_size)
+    if uploads not in UPLOAD_MODES:
+        raise ValueError(f"attack.options.uploads must be one of {UPLOAD_MODES}, got {uploads!r}")
     if not scale > 0:
         raise ValueError(f"attack.options.scale must be > 0, got {scale}")
     loss_weights = tuple(float(w) for w in loss_weights)
@@ -288,9 +326,22 @@ def model_replacement(
         batch_size=batch_size,
     )
 
+    max_slots = max(1, min(ctx.clients_per_round, ctx.num_attackers))
+
+    def scaled(delta):
+        return jax.tree.map(lambda d: d * jnp.asarray(scale, d.dtype), delta)
+
     def craft(key, updates, state, c: CraftContext):
+        g = c.global_variables
+        if uploads == "own":
+
+            def one(k, r):
+                idx = c.data.indices[c.client_ids[r]]
+                trained, _ = train_fn(g, k, c.data, idx, c.counts[r], g["params"])
+                return scaled(tree_sub(trained, g))
+
+            return train_each_attacker(key, updates, c, max_slots, one), state
         delta, _ = train_shared_backdoor(ctx, train_fn, key, c, data)
-        delta = jax.tree.map(lambda d: d * jnp.asarray(scale, d.dtype), delta)
-        return write_rows(updates, c.is_malicious, delta), state
+        return write_rows(updates, c.is_malicious, scaled(delta)), state
 
     return Attack(lambda v: EmptyState(), identity_poison, craft, pattern_trigger_fn(ctx))

@@ -88,6 +88,23 @@ def test_mra_rows_identical_scaled_and_benign_untouched(setup):
     assert np.abs(r1[0]).max() > 1e-3
 
 
+def test_mra_own_uploads_distinct_per_attacker_and_scaled(setup):
+    own5, _ = setup["craft"](scale=5.0, lr=0.2, uploads="own")
+    own1, _ = setup["craft"](scale=1.0, lr=0.2, uploads="own")
+    shared, _ = setup["craft"](scale=5.0, lr=0.2)
+    r5, r1, before, rs = _rows(own5), _rows(own1), _rows(setup["updates"]), _rows(shared)
+    mal = setup["mal"]
+    assert mal.sum() >= 2
+    np.testing.assert_array_equal(r5[~mal], before[~mal])
+    np.testing.assert_allclose(r5[mal], 5.0 * r1[mal], rtol=1e-5, atol=1e-7)
+    att = r5[mal]
+    for i in range(len(att)):  # every attacker row is its own model: no two rows coincide
+        assert np.abs(att[i]).max() > 5e-3
+        for j in range(i):
+            assert np.abs(att[i] - att[j]).max() > 1e-4
+    assert np.abs(att[0] - rs[mal][0]).max() > 1e-4  # not the shared model
+
+
 def test_blind_loss_distance_term_constrains_the_update(setup):
     constrained, _ = setup["craft"](scale=1.0, lr=0.2)  # default weights (0.3, 0.3, 0.4)
     free, _ = setup["craft"](scale=1.0, loss_weights=(0.3, 0.3, 0.0), lr=0.2)
@@ -104,6 +121,7 @@ def test_blind_loss_distance_term_constrains_the_update(setup):
         ({"lr": -1.0}, "lr"),
         ({"poison_epochs": 0}, "poison_epochs"),
         ({"data": "everyone"}, "data"),
+        ({"uploads": "each"}, "uploads"),
     ],
 )
 def test_mra_rejects_bad_options(options, match):
