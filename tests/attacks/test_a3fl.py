@@ -7,8 +7,8 @@
 * the adversarial model unlearns the trigger: on triggered images with their true labels its
   loss is below the global model's;
 * under FedAvg the ASR rises far above the clean model's within four rounds (digits, 2 attackers
-  of 10 per round, a short trigger optimisation), with one trace of the round and the trigger
-  carried in the state.
+  of 10 per round, a short trigger optimisation), above the clean model's with the pattern and
+  with the optimised trigger, with one trace of the round and the trigger carried in the state.
 """
 
 from __future__ import annotations
@@ -102,5 +102,11 @@ def test_a3fl_raises_fedavg_asr(digits, pretrained):  # noqa: F811
     assert int(state.attack_state.attack_rounds) == 4
     assert np.abs(np.asarray(state.attack_state.trigger) - t_init).max() > 0
     ev = sim.eval_state(state)
+    # The clean model's ASR with the optimised trigger (an adversarial patch alone may fool it).
+    clean_opt = float(
+        sim.evaluate(jax.tree.map(jnp.asarray, g0), state.attack_state, sim.x_test, sim.y_test)[
+            "asr"
+        ]
+    )
     assert ev["acc"] > 80.0
-    assert ev["asr"] > max(50.0, clean_asr + 30.0), (ev, clean_asr)
+    assert ev["asr"] > max(50.0, clean_asr + 30.0, clean_opt + 30.0), (ev, clean_asr, clean_opt)
