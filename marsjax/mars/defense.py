@@ -41,7 +41,9 @@ import jax.numpy as jnp
 from marsjax.defenses.base import Defense, DefenseContext, DefenseResult
 from marsjax.mars.clustering import k_wmeans
 from marsjax.mars.energy import (
+    ENERGY_METHODS,
     EnergyLayout,
+    EnergyMethod,
     backdoor_energy,
     concentrated_backdoor_energy,
     energy_layout,
@@ -169,6 +171,7 @@ def mars_cbe(
     *,
     kappa: float = 0.05,
     chunk_size: int | None = None,
+    energy_method: EnergyMethod = "eigvalsh",
 ) -> jax.Array:
     """CBE of every client model ``global + update``.
 
@@ -180,6 +183,7 @@ def mars_cbe(
       kappa: kept fraction per layer.
       chunk_size: ``None``: all clients at once (``vmap``); else ``lax.map`` over chunks of this
         many clients (bounds memory for large N).
+      energy_method: ``"eigvalsh"`` or ``"squaring"`` (:func:`~marsjax.mars.energy.backdoor_energy`).
 
     Returns:
       ``[N, M]`` float32.
@@ -189,7 +193,7 @@ def mars_cbe(
 
     def one(ui: dict) -> jax.Array:
         model = jax.tree.map(lambda a, b: a.astype(jnp.float32) + b.astype(jnp.float32), g, ui)
-        be = backdoor_energy(model, layout=layout)
+        be = backdoor_energy(model, layout=layout, method=energy_method)
         return concentrated_backdoor_energy(be, kappa)
 
     if chunk_size is None:
@@ -302,7 +306,11 @@ def _check_distance(distance, clustering) -> None:
         raise ValueError(f"distance={distance!r} needs clustering='code' (k-means on its matrix)")
 
 
-def _check_args(kappa, epsilon, clustering, select, layers, distance="wasserstein") -> None:
+def _check_args(
+    kappa, epsilon, clustering, select, layers, distance="wasserstein", energy_method="eigvalsh"
+) -> None:
+    if energy_method not in ENERGY_METHODS:
+        raise ValueError(f"energy_method must be one of {ENERGY_METHODS}, got {energy_method!r}")
     if clustering not in ("code", "paper"):
         raise ValueError(f"clustering must be 'code' or 'paper', got {clustering!r}")
     _check_distance(distance, clustering)
@@ -331,6 +339,7 @@ def mars(
     layout: EnergyLayout | None = None,
     chunk_size: int | None = None,
     distance: Distance = "wasserstein",
+    energy_method: EnergyMethod = "eigvalsh",
 ) -> Defense:
     """The MARS defense (``select="majority"`` gives MARS*).
 
@@ -354,6 +363,10 @@ def mars(
       chunk_size: compute the CBEs ``chunk_size`` clients at a time (``None``: all at once).
       distance: between CBE vectors: ``"wasserstein"`` (MARS), ``"euclidean"`` or ``"cosine"``
         (Table 7; :func:`mars_select`).
+      energy_method: how each channel's spectral norm is found: ``"eigvalsh"`` (LAPACK's
+        eigensolver on the channel's Gram matrix, the reference) or ``"squaring"`` (repeated
+        squaring of the trace-normalised Gram, plain matrix products;
+        :func:`~marsjax.mars.energy.channel_spectral_norms`).
 
     Returns:
       A :class:`~marsjax.defenses.base.Defense`. ``apply`` returns ``accepted`` in {0, 1} and
@@ -361,7 +374,7 @@ def mars(
       rule keeps (computed even when no attack is declared; higher = farther from the benign
       group); excluded rows score ``float32.max``.
     """
-    _check_args(kappa, epsilon, clustering, select, layers, distance)
+    _check_args(kappa, epsilon, clustering, select, layers, distance, energy_method)
     if layout is not None and not layout:
         raise ValueError("layout has no layers to score")
 
@@ -391,7 +404,14 @@ def mars(
         # Non-finite entries propagate to NaN/inf in that client's CBE row only (every client's
         # energy is computed independently), so the raw updates go in and the row is dropped
         # below. Masking the updates first gives the same result but triples XLA:CPU compile time.
-        cbe = mars_cbe(updates, global_variables, lay, kappa=kappa, chunk_size=chunk_size)
+        cbe = mars_cbe(
+            updates,
+            global_variables,
+            lay,
+            kappa=kappa,
+            chunk_size=chunk_size,
+            energy_method=energy_method,
+        )
         valid = (client_weights > 0) & finite & jnp.all(jnp.isfinite(cbe), axis=1)
 
         cluster_key = jax.random.key(seed) if seed is not None else key
@@ -444,6 +464,7 @@ def _build(
     tol: float = 1e-4,
     chunk_size: int | None = None,
     distance: Distance = "wasserstein",
+    energy_method: EnergyMethod = "eigvalsh",
 ) -> Defense:
     """Registry hook for ``"mars"``: :func:`mars` with the layer layout traced from ``ctx.model``.
 
@@ -451,7 +472,7 @@ def _build(
     order, so it does not depend on the order of the variables dict's keys.
     """
     # before ctx: validate() runs these
-    _check_args(kappa, epsilon, clustering, select, layers, distance)
+    _check_args(kappa, epsilon, clustering, select, layers, distance, energy_method)
     layout = None
     if ctx.model is not None:
         x = jax.ShapeDtypeStruct((1, *ctx.image_shape), jnp.float32)
@@ -473,6 +494,7 @@ def _build(
         layout=layout,
         chunk_size=chunk_size,
         distance=distance,
+        energy_method=energy_method,
     )
 
 
@@ -489,6 +511,7 @@ def _build_star(
     tol: float = 1e-4,
     chunk_size: int | None = None,
     distance: Distance = "wasserstein",
+    energy_method: EnergyMethod = "eigvalsh",
 ) -> Defense:
     """Registry hook for ``"mars_star"``: MARS* (keeps the majority cluster, paper §5.2)."""
     return _build(
@@ -505,4 +528,5 @@ def _build_star(
         tol=tol,
         chunk_size=chunk_size,
         distance=distance,
+        energy_method=energy_method,
     )

@@ -107,6 +107,24 @@ values, which we do not use. Max relative error vs float64 numpy SVD: 3.8e-7 (ba
 5.0e-7); the tests also check rank-1, nearly rank-1 and 7-decade ill-conditioned channels to 1e-5.
 The Gram product runs at ``Precision.HIGHEST`` (no TF32 passes on GPUs).
 
+Without LAPACK (``method="squaring"``; the eigvalsh path above stays the default and the tests'
+reference). Each Gram matrix is divided by its trace and squared ``NUM_SQUARINGS`` (18) times,
+renormalised by the trace after every product, which leaves ``G^q / tr(G^q)`` with
+``q = 2^18``; the Rayleigh quotient ``<G, B>_F / tr(B)`` of that matrix is a weighted mean of
+``G``'s eigenvalues with weights ``lambda_i^q``. Equal top singular values cost nothing (their
+eigenvalues all equal ``lambda_max``), and the worst spectrum (the others just below the top,
+about ``1 - 1/q``) loses about ``1.04 / q = 4e-6``. All Grams of one size go through the
+squarings as one batch of plain matrix products, which XLA runs on any backend (TPUs have no
+batched eigensolver worth the name). Accuracy against float64 ``np.linalg.norm(ord=2)``: random
+kernels 1.8e-7; channels with 2, 3 or 9 equal top singular values, top-two gaps from 1e-8 to
+1e-2, eight values a hair below the top, rank 1, seven decades, 1e-12 and 1e12 scales: at most
+1.6e-6 over 30 draws (eigvalsh: 1.1e-7; ``tests/defenses/test_energy_squaring.py``). The same
+Gram layout feeds both methods; on ResNet-18's conv channels (2-core VM under load, so only the
+ratio means much) the eigenvalue step took 9 ms per client for 16 squarings against 21 ms for the
+batched ``eigvalsh``, while the channel-major transpose and Gram products took about 45 ms in the
+same program (14 ms for the products alone on a pre-transposed operand). ``benchmarks/bench_mars.py``
+measures both methods side by side.
+
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
 about ``1e-15`` lose accuracy. ``rescale=True`` divides each channel by its largest entry first
@@ -138,9 +156,12 @@ from marsjax.types import Variables
 
 __all__ = [
     "BN_EPSILON",
+    "ENERGY_METHODS",
+    "NUM_SQUARINGS",
     "AmbiguousLayoutError",
     "EnergyLayer",
     "EnergyLayout",
+    "EnergyMethod",
     "backdoor_energy",
     "cbe_counts",
     "cbe_size",
@@ -154,6 +175,9 @@ __all__ = [
 BN_EPSILON = 1e-5
 Path = tuple[str, ...]
 LayerSelection = Literal["conv_bn", "all"]
+EnergyMethod = Literal["eigvalsh", "squaring"]
+ENERGY_METHODS = ("eigvalsh", "squaring")
+NUM_SQUARINGS = 18
 
 
 class EnergyLayer(NamedTuple):
@@ -601,8 +625,65 @@ def _gram(m: jax.Array) -> jax.Array:
     return jnp.einsum("nia,nib->nab", m, m, precision=hi)
 
 
-def _matrix_norms(mats: Sequence[jax.Array], rescale: bool) -> list[jax.Array]:
-    """sigma_max of every matrix of each ``[n, a, b]`` batch (one eigvalsh per Gram size)."""
+def _max_eig_squaring(grams: list[jax.Array], num_squarings: int) -> list[jax.Array]:
+    """``lambda_max`` of each ``[..., d, d]`` PSD batch by repeated squaring, no LAPACK.
+
+    ``B = G / tr(G)``, then ``num_squarings`` times ``B <- B @ B / tr(B @ B)``, so ``B`` is
+    ``G^q / tr(G^q)`` with ``q = 2^num_squarings``: the eigenvectors of ``G`` with weights
+    ``w_i = lambda_i^q / sum_j lambda_j^q``. The result is the Rayleigh quotient of that matrix,
+    ``<G, B>_F / tr(B) = sum_i w_i lambda_i``, which is at most ``lambda_max`` and misses it by
+    ``sum_i w_i (lambda_max - lambda_i)``: eigenvalues equal to ``lambda_max`` (degenerate top
+    singular values) cost nothing, far ones vanish, and the worst case (eight others at
+    ``lambda_max (1 - 1 / q)``-ish) is about ``1.04 / q`` relative (4e-6 with the default 18
+    squarings), on top of float32 rounding. Every step is a plain batched matrix product (all
+    Grams of one size in one batch), which suits accelerators without an eigensolver too. A zero
+    Gram gives 0, a non-finite one NaN.
+    """
+    hi = jax.lax.Precision.HIGHEST
+
+    def normalise(b: jax.Array) -> jax.Array:
+        t = jnp.trace(b, axis1=-2, axis2=-1)
+        return b / jnp.where(t > 0, t, 1.0)[..., None, None]
+
+    out: list[jax.Array | None] = [None] * len(grams)
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(grams):
+        by_size.setdefault(g.shape[-1], []).append(i)
+    for i in by_size.pop(1, []):
+        out[i] = grams[i][..., 0, 0]
+    for d, idx in by_size.items():
+        # one batch per Gram size, the client (vmap) axes kept in front
+        flat = [grams[i].reshape((*grams[i].shape[:-3], -1, d, d)) for i in idx]
+        g = jnp.concatenate(flat, axis=-3) if len(flat) > 1 else flat[0]
+        t0 = jnp.trace(g, axis1=-2, axis2=-1)
+        b = normalise(g)
+        for _ in range(num_squarings):
+            b = normalise(jnp.matmul(b, b, precision=hi))
+        t = jnp.trace(b, axis1=-2, axis2=-1)
+        lam = jnp.sum(g * b, axis=(-2, -1)) / jnp.where(t > 0, t, 1.0)
+        lam = jnp.where(jnp.isfinite(t0), lam, jnp.nan)  # an overflowing trace: NaN, not 0
+        start = 0
+        for i, f in zip(idx, flat):
+            n = f.shape[-3]
+            out[i] = lam[..., start : start + n].reshape(grams[i].shape[:-2])
+            start += n
+    return out  # type: ignore[return-value]
+
+
+def _check_method(method: str) -> None:
+    if method not in ENERGY_METHODS:
+        raise ValueError(f"method must be one of {ENERGY_METHODS}, got {method!r}")
+
+
+def _matrix_norms(
+    mats: Sequence[jax.Array],
+    rescale: bool,
+    method: EnergyMethod = "eigvalsh",
+    num_squarings: int = NUM_SQUARINGS,
+) -> list[jax.Array]:
+    """sigma_max of every matrix of each ``[n, a, b]`` batch (one eigvalsh per Gram size, or
+    repeated squaring: ``method``)."""
+    _check_method(method)
     grams, factors = [], []
     for m in mats:
         m = m.astype(jnp.float32)
@@ -613,7 +694,10 @@ def _matrix_norms(mats: Sequence[jax.Array], rescale: bool) -> list[jax.Array]:
         else:
             factors.append(None)
         grams.append(_gram(m))
-    lams = _max_eig_grouped(grams)
+    if method == "eigvalsh":
+        lams = _max_eig_grouped(grams)
+    else:
+        lams = _max_eig_squaring(grams, num_squarings)
     out = []
     for s, lam in zip(factors, lams):
         sigma = jnp.sqrt(jnp.maximum(lam, 0.0))
@@ -631,7 +715,13 @@ def _channel_matrices(kernel: jax.Array) -> jax.Array:
     return kernel.reshape(kh * kw * cin, cout).T.reshape(cout, kh * kw, cin)
 
 
-def channel_spectral_norms(kernel: jax.Array, *, rescale: bool = False) -> jax.Array:
+def channel_spectral_norms(
+    kernel: jax.Array,
+    *,
+    rescale: bool = False,
+    method: EnergyMethod = "eigvalsh",
+    num_squarings: int = NUM_SQUARINGS,
+) -> jax.Array:
     """sigma_max of every output channel of a conv kernel.
 
     Args:
@@ -640,11 +730,16 @@ def channel_spectral_norms(kernel: jax.Array, *, rescale: bool = False) -> jax.A
       rescale: divide each channel by its largest absolute entry before the Gram product (and
         multiply back after), which extends the exact range to any finite kernel; see the module
         docstring for the cost.
+      method: ``"eigvalsh"`` (the reference: LAPACK's symmetric eigensolver on each channel's Gram
+        matrix) or ``"squaring"`` (repeated squaring of the trace-normalised Gram, plain matrix
+        products; see the module docstring).
+      num_squarings: ``method="squaring"`` only: squarings per Gram (worst-case relative error
+        about ``1.04 / 2**num_squarings``).
 
     Returns:
       ``[C_out]`` float32, the largest singular value of each channel's ``C_in x kh*kw`` matrix.
     """
-    (be,) = _matrix_norms([_channel_matrices(kernel)], rescale)
+    (be,) = _matrix_norms([_channel_matrices(kernel)], rescale, method, num_squarings)
     return be
 
 
@@ -655,6 +750,7 @@ def backdoor_energy(
     layout: EnergyLayout | None = None,
     bn_epsilon: float = BN_EPSILON,
     rescale: bool = False,
+    method: EnergyMethod = "eigvalsh",
 ) -> list[jax.Array]:
     """Backdoor energy of every scored layer of one model (mars_spec §1.2).
 
@@ -672,10 +768,13 @@ def backdoor_energy(
       bn_epsilon: BatchNorm variance epsilon (1e-5 in PyTorch and in our models).
       rescale: see :func:`channel_spectral_norms` (off: kernels with entries beyond about
         ``1e15`` give inf, below about ``1e-15`` lose accuracy).
+      method: how each Gram matrix's top eigenvalue is found: ``"eigvalsh"`` (LAPACK, the
+        reference) or ``"squaring"`` (plain matrix products; :func:`channel_spectral_norms`).
 
     Returns:
       One float32 array per layer: ``[C_out]`` for a conv, ``[1]`` for a dense layer.
     """
+    _check_method(method)
     if layout is None:
         layout = energy_layout(variables, layers=layers)
     params, stats = _collections(variables)
@@ -699,7 +798,7 @@ def backdoor_energy(
             dense_mats.append(m)
 
     mats = [_channel_matrices(k) for k in conv_kernels] + [m[None] for m in dense_mats]
-    sigmas = _matrix_norms(mats, rescale) if mats else []
+    sigmas = _matrix_norms(mats, rescale, method) if mats else []
     conv_sigma, dense_sigma = sigmas[: len(conv_kernels)], sigmas[len(conv_kernels) :]
 
     out: list[jax.Array] = []
