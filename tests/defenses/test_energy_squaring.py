@@ -152,6 +152,18 @@ def test_backdoor_energy_methods_agree_with_bn_dense_and_vmap():
         backdoor_energy(v, layout=layout, method="svd")
 
 
+@pytest.mark.parametrize("method", ["eigvalsh", "squaring"])
+def test_a_client_axis_of_size_one_gives_the_same_values(method):
+    # Regression: a Gram formulation (elementwise product summed over C_in in the flax layout)
+    # was compiled by jaxlib 0.10.2's XLA:CPU into an XNNPACK fusion that returned wrong values
+    # under vmap with one client; MARS runs with any number of clients, one included.
+    rng = np.random.default_rng(9)
+    kernels = jnp.asarray(rng.standard_normal((1, 3, 3, 64, 32)), jnp.float32)
+    one = jax.jit(jax.vmap(lambda k: channel_spectral_norms(k, method=method)))(kernels)
+    want = svd_norms(np.asarray(kernels[0]))
+    assert rel_err(np.asarray(one)[0], want).max() <= RTOL
+
+
 def _hostile(updates):
     p = updates["params"]
     p["conv1"]["kernel"] = p["conv1"]["kernel"].at[5, 0, 0, 0, 0].set(jnp.nan)
