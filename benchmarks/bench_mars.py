@@ -51,8 +51,34 @@ in 0.019 s per round (CBE 0.018 s), the reference on one host CPU thread 54 s (e
 Nearly all of both sides is the per-channel spectral norms (CBE); Wasserstein + k-means cost
 marsjax 0.3 s at 1000 clients against the reference's 27.9 s (scipy double loop + sklearn).
 
-Also recorded there: ``sigma_max_method`` (Gram + eigvalsh vs batched SVD for the BE step) and
-``kmeans_impl`` (this k-means vs ``ott.tools.k_means`` vs sklearn).
+Energy methods side by side (issue 16). Every chunk's CBE is computed and timed with each of
+``--energy-methods`` (default ``eigvalsh,squaring``: LAPACK's eigensolver, MARS's default and the
+reference path, and the repeated squaring of ``marsjax/mars/energy.py``), on the same device
+arrays in the same run; each method's CBE matrix then goes through the same clustering and
+selection. The ``jax_*`` keys (and the table above) are the first method, as in earlier
+records; ``methods.<name>`` holds per method: ``s_per_round``, ``cbe_s_per_client``,
+``speedup_vs_ref`` (vs the official-structure reference), ``agree_with_ref`` (same accepted
+set), ``same_flagged_as_eigvalsh``, ``speedup_vs_eigvalsh`` and ``be_max_rel_err_svd64``: the
+largest relative error of the BE of all 4,800 conv channels (BatchNorm gain included) of the
+first ``--svd-clients`` client models against float64 ``np.linalg.svd``. ``resident.<name>``
+times the whole ``mars(energy_method=name).apply``.
+
+FedAvg's mean (``fedavg_mean``, where the updates fit in memory: ``--resident-max``): the stacked
+updates' mean by ``marsjax.tree.weighted_mean`` (FedAvg's aggregation), ``jnp.mean``, the
+weighted sum as a matrix-vector product ``w @ u.reshape(N, -1)`` (plain, with zero-weight rows
+masked first, and plain with a masked redo only when the result is not finite), each against
+``np.mean(axis=0)`` of the same buffers in the same run (``<name>_vs_numpy``).
+
+The committed issue-16 results come from, on a quiet machine::
+
+    python -m benchmarks.bench_mars --clients 100 --extras --out benchmarks/results/mars_cost_cpu.jsonl
+
+and ``python -m benchmarks.bench_mars --table benchmarks/results/mars_cost_cpu.jsonl`` prints the
+tables. The script itself is checked in a minute with ``--clients 4 --chunk 2 --quick
+--resident-max 4 --out /tmp/mars_quick.jsonl`` (timings meaningless).
+
+Also recorded there: ``sigma_max_method`` (Gram + eigvalsh vs Gram + squaring vs batched SVD for
+the BE step) and ``kmeans_impl`` (this k-means vs ``ott.tools.k_means`` vs sklearn).
 """
 
 from __future__ import annotations
@@ -85,10 +111,29 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--resident-max", type=int, default=100, help="time mars().apply up to this N")
     p.add_argument("--extras", action="store_true", help="also the sigma_max and k-means cases")
     p.add_argument(
+        "--energy-methods",
+        default="eigvalsh,squaring",
+        help="MARS energy methods timed side by side (the first one fills the jax_* keys)",
+    )
+    p.add_argument(
+        "--svd-clients", type=int, default=2, help="clients whose BE is checked vs float64 SVD"
+    )
+    p.add_argument("--no-fedavg", action="store_true", help="skip FedAvg's mean vs numpy")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="check the script runs (1 rep, 2 timed reference clients, 1 SVD client)",
+    )
+    p.add_argument(
         "--out", default=None, help="JSON lines file (default results/mars_cost_<b>.jsonl)"
     )
     p.add_argument("--table", default=None, help="print the markdown table of a results file, exit")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.quick:
+        args.reps = 1
+        args.ref_be_clients = min(args.ref_be_clients, 2)
+        args.svd_clients = min(args.svd_clients, 1)
+    return args
 
 
 ARGS = _parse() if __name__ == "__main__" else None
@@ -101,6 +146,7 @@ import numpy as np
 
 from marsjax.defenses._mars import mars, mars_cbe, mars_select, model_energy_layout
 from marsjax.models import ResNet18
+from marsjax.provenance import git_state
 
 NUM_POOL = 8
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -135,6 +181,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        **git_state(),
     }
 
 
@@ -265,32 +312,39 @@ class Reference:
         return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_case(n: int, fed: Federation, g_dev, cbe_fn, select_fn, ref, args, compile_info) -> dict:
+def run_case(n: int, fed: Federation, g_dev, cbe_fns, select_fn, ref, args, compile_info) -> dict:
+    """One client count: CBE with every energy method, the decision, the reference, FedAvg."""
+    methods = list(cbe_fns)
     num_attackers = round(args.attack_frac * n)
     chunk = min(args.chunk, n)
-    cbe_rows, chunk_times, chunk_cpu = [], [], []
+    cbe_rows = {m: [] for m in methods}
+    chunk_times = {m: [] for m in methods}
+    chunk_cpu = {m: [] for m in methods}
     ref_cbes, ref_be_times, ref_be_cpu = [], [], []
+    svd_err: dict = {}
     resident = [] if n <= args.resident_max else None
     for start in range(0, n, chunk):
         ids = np.arange(start, start + chunk)
         ids = np.minimum(ids, n - 1)  # the last chunk repeats the last client to keep the shape
         upd = fed.updates(ids, num_attackers)
         upd_dev = jax.device_put(upd)
-        cache = compile_info.setdefault("cbe", {})  # chunk size -> (executable, compile s)
-        if chunk not in cache:
-            t = time.perf_counter()
-            executable = cbe_fn.lower(upd_dev, g_dev).compile()
-            cache[chunk] = (executable, time.perf_counter() - t)
-        compiled = cache[chunk][0]
-        jax.block_until_ready(compiled(upd_dev, g_dev))  # warm (allocations)
-        reps = args.reps if n <= args.resident_max else 1
-        wall, cpu = _timed(lambda u=upd_dev, c=compiled: c(u, g_dev), reps)
-        chunk_times.append(wall)
-        chunk_cpu.append(cpu)
-        rows = np.asarray(compiled(upd_dev, g_dev))
         valid_rows = ids >= start
         valid_rows[1:] &= ids[1:] != ids[:-1]
-        cbe_rows.append(rows[valid_rows])
+        reps = args.reps if n <= args.resident_max else 1
+        for m in methods:  # side by side on the same chunk
+            cache = compile_info.setdefault("cbe", {})  # (method, chunk) -> (executable, s)
+            if (m, chunk) not in cache:
+                t = time.perf_counter()
+                executable = cbe_fns[m].lower(upd_dev, g_dev).compile()
+                cache[(m, chunk)] = (executable, time.perf_counter() - t)
+            compiled = cache[(m, chunk)][0]
+            jax.block_until_ready(compiled(upd_dev, g_dev))  # warm (allocations)
+            wall, cpu = _timed(lambda u=upd_dev, c=compiled: c(u, g_dev), reps)
+            chunk_times[m].append(wall)
+            chunk_cpu[m].append(cpu)
+            cbe_rows[m].append(np.asarray(compiled(upd_dev, g_dev))[valid_rows])
+        if start == 0 and args.svd_clients > 0:
+            svd_err = be_vs_float64_svd(fed, g_dev, upd, min(args.svd_clients, n), methods)
         if resident is not None:
             resident.append(jax.tree.map(lambda a, m=valid_rows: a[m], upd_dev))
         if ref is not None:
@@ -302,36 +356,61 @@ def run_case(n: int, fed: Federation, g_dev, cbe_fn, select_fn, ref, args, compi
                     ref_be_times.append(dt)
                     ref_be_cpu.append(dc)
         del upd, upd_dev
-    cbe = jnp.asarray(np.concatenate(cbe_rows))
+    scale = n / (chunk * len(chunk_times[methods[0]]))  # the last chunk may hold repeated rows
     valid = jnp.ones(n, bool)
-    if n not in compile_info.setdefault("select_compile_s", {}):
-        t = time.perf_counter()
-        compiled_sel = select_fn.lower(cbe, valid).compile()
-        compile_info["select_compile_s"][n] = time.perf_counter() - t
-        compile_info.setdefault("select_compiled", {})[n] = compiled_sel
-    compiled_sel = compile_info["select_compiled"][n]
-    jax.block_until_ready(compiled_sel(cbe, valid))
-    select_s, select_cpu = _timed(lambda: compiled_sel(cbe, valid), args.reps)
-    decision = compiled_sel(cbe, valid)
-    accepted = np.asarray(decision.accepted)
-    scale = n / (chunk * len(chunk_times))  # the last chunk may hold repeated rows
-    jax_s = sum(chunk_times) * scale + select_s
+    per_method, cbes = {}, {}
+    for m in methods:
+        cbe = jnp.asarray(np.concatenate(cbe_rows[m]))
+        cbes[m] = cbe
+        if n not in compile_info.setdefault("select_compile_s", {}):
+            t = time.perf_counter()
+            compiled_sel = select_fn.lower(cbe, valid).compile()
+            compile_info["select_compile_s"][n] = time.perf_counter() - t
+            compile_info.setdefault("select_compiled", {})[n] = compiled_sel
+        compiled_sel = compile_info["select_compiled"][n]
+        jax.block_until_ready(compiled_sel(cbe, valid))
+        select_s, select_cpu = _timed(lambda c=cbe, f=compiled_sel: f(c, valid), args.reps)
+        accepted = np.asarray(compiled_sel(cbe, valid).accepted)
+        per_method[m] = {
+            "s_per_round": sum(chunk_times[m]) * scale + select_s,
+            "cbe_s": sum(chunk_times[m]) * scale,
+            "cbe_s_per_client": sum(chunk_times[m]) * scale / n,
+            "select_s": select_s,
+            "cpu_s_per_round": sum(chunk_cpu[m]) * scale + select_cpu,
+            "cbe_compile_s": compile_info["cbe"][(m, chunk)][1],
+            "flagged": np.flatnonzero(~accepted).tolist(),
+            "accepted": accepted,
+            "be_max_rel_err_svd64": svd_err.get(m),
+        }
+    first = per_method[methods[0]]
     rec = {
         "case": "mars_cost",
         "model": "resnet18_imagenet_stem",
         "clients": n,
         "attackers": num_attackers,
         "params_read_per_client": fed.num_params,
-        "cbe_len": int(cbe.shape[1]),
-        "jax_s_per_round": jax_s,
-        "jax_cbe_s": sum(chunk_times) * scale,
-        "jax_select_s": select_s,
-        "jax_cpu_s_per_round": sum(chunk_cpu) * scale + select_cpu,
+        "cbe_len": int(cbes[methods[0]].shape[1]),
+        "energy_methods": methods,
+        # the jax_* keys: the first method (eigvalsh, MARS's default), as in earlier records
+        "jax_energy_method": methods[0],
+        "jax_s_per_round": first["s_per_round"],
+        "jax_cbe_s": first["cbe_s"],
+        "jax_select_s": first["select_s"],
+        "jax_cpu_s_per_round": first["cpu_s_per_round"],
         "jax_chunk": chunk,
-        "jax_cbe_compile_s": compile_info["cbe"][chunk][1],
+        "jax_cbe_compile_s": first["cbe_compile_s"],
         "jax_select_compile_s": compile_info["select_compile_s"][n],
-        "jax_flagged": np.flatnonzero(~accepted).tolist(),
+        "jax_flagged": first["flagged"],
+        "svd64_clients": min(args.svd_clients, n),
     }
+    for m in methods[1:]:
+        pm = per_method[m]
+        pm[f"same_flagged_as_{methods[0]}"] = pm["flagged"] == first["flagged"]
+        pm[f"speedup_vs_{methods[0]}"] = first["s_per_round"] / pm["s_per_round"]
+        a, b = np.asarray(cbes[m], np.float64), np.asarray(cbes[methods[0]], np.float64)
+        pm[f"cbe_max_rel_diff_to_{methods[0]}"] = float(
+            np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))
+        )
     if ref is not None:
         ref_cbe = np.stack(ref_cbes)
         per_client = statistics.mean(ref_be_times)
@@ -350,6 +429,11 @@ def run_case(n: int, fed: Federation, g_dev, cbe_fn, select_fn, ref, args, compi
         detect_s, detect_cpu = time.perf_counter() - t, time.process_time() - c
         ref_s = per_client * n + w_s + detect_s
         ref_cpu = statistics.mean(ref_be_cpu) * n + w_cpu + detect_cpu
+
+        def rel_to_ref(cbe) -> float:
+            cbe = np.asarray(cbe)
+            return float(np.max(np.abs(ref_cbe - cbe) / np.maximum(np.abs(ref_cbe), 1e-12)))
+
         rec.update(
             {
                 "ref_s_per_round": ref_s,
@@ -363,27 +447,68 @@ def run_case(n: int, fed: Federation, g_dev, cbe_fn, select_fn, ref, args, compi
                 "ref_torch_threads": args.torch_threads,
                 "extrapolated": len(ref_be_times) < n or limit is not None,
                 "ref_cpu_s_per_round": ref_cpu,
-                "speedup": ref_s / jax_s,
+                "speedup": ref_s / rec["jax_s_per_round"],
                 "speedup_cpu_time": ref_cpu / rec["jax_cpu_s_per_round"],
                 "ref_flagged": np.flatnonzero(~ref_acc).tolist(),
-                "agree": bool(np.array_equal(ref_acc, accepted)),
-                "cbe_max_rel_diff": float(
-                    np.max(np.abs(ref_cbe - np.asarray(cbe)) / np.maximum(np.abs(ref_cbe), 1e-12))
-                ),
+                "agree": bool(np.array_equal(ref_acc, first["accepted"])),
+                "cbe_max_rel_diff": rel_to_ref(cbes[methods[0]]),
             }
         )
+        for m in methods:
+            pm = per_method[m]
+            pm["speedup_vs_ref"] = ref_s / pm["s_per_round"]
+            pm["speedup_vs_ref_cpu_time"] = ref_cpu / pm["cpu_s_per_round"]
+            pm["agree_with_ref"] = bool(np.array_equal(ref_acc, pm["accepted"]))
+            pm["cbe_max_rel_diff_to_ref"] = rel_to_ref(cbes[m])
+    for pm in per_method.values():
+        del pm["accepted"]
+    rec["methods"] = per_method
     rec["flagged_are_attackers"] = rec["jax_flagged"] == list(range(num_attackers))
     if resident is not None:
-        del cbe_rows
-        rec["resident"] = _resident_apply(resident, fed, g_dev, args)
+        del cbe_rows, cbes
+        updates = jax.tree.map(lambda *a: jnp.concatenate(a), *resident)
+        resident.clear()  # keep one copy of the stacked updates alive
+        rec["resident"] = {m: _resident_apply(updates, fed, g_dev, args, m) for m in methods}
+        if not args.no_fedavg:
+            rec["fedavg_mean"] = fedavg_case(updates, args.reps)
+        del updates
     return rec
 
 
-def _resident_apply(chunks, fed, g_dev, args) -> dict:
-    updates = jax.tree.map(lambda *a: jnp.concatenate(a), *chunks)
-    chunks.clear()  # keep one copy of the stacked updates alive
+def be_vs_float64_svd(fed: Federation, g_dev, upd: dict, k: int, methods) -> dict:
+    """Max relative error of every method's BE (all 4,800 conv channels, BatchNorm gain included)
+    to float64 numpy SVD, over the first ``k`` client models of ``upd``."""
+    from marsjax.mars.defense import _subtree
+    from marsjax.mars.energy import BN_EPSILON, backdoor_energy
+
+    g = _subtree(g_dev, fed.layout)
+    u = jax.tree.map(lambda a: jnp.asarray(a[:k]), _subtree(upd, fed.layout))
+    models = jax.tree.map(lambda a, b: a[None] + b, g, u)  # float32, as MARS forms them
+    want = []
+    for i in range(k):
+        per_layer = []
+        for layer in fed.layout:
+            kern = np.asarray(_get(models["params"], layer.path)["kernel"][i], np.float64)
+            kh, kw, cin, cout = kern.shape
+            mats = kern.reshape(kh * kw * cin, cout).T.reshape(cout, kh * kw, cin)
+            sigma = np.linalg.svd(mats, compute_uv=False)[:, 0]
+            gamma = np.asarray(_get(models["params"], layer.norm)["scale"][i], np.float64)
+            var = np.asarray(_get(models["batch_stats"], layer.norm)["var"][i], np.float64)
+            var = np.where(np.isnan(var) | (var < 0), 0.0, var)
+            per_layer.append(sigma * np.abs(gamma / np.sqrt(var + BN_EPSILON)))
+        want.append(np.concatenate(per_layer))
+    want = np.stack(want)
+    out = {}
+    for m in methods:
+        f = jax.jit(jax.vmap(lambda t, m=m: backdoor_energy(t, layout=fed.layout, method=m)))
+        got = np.concatenate([np.asarray(x, np.float64) for x in f(models)], axis=1)
+        out[m] = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-300)))
+    return out
+
+
+def _resident_apply(updates, fed, g_dev, args, method: str) -> dict:
     n = jax.tree.leaves(updates)[0].shape[0]
-    defense = mars(layout=fed.layout, chunk_size=min(args.chunk, n))
+    defense = mars(layout=fed.layout, chunk_size=min(args.chunk, n), energy_method=method)
     state = defense.init(g_dev)
     weights = jnp.ones(n)
 
@@ -405,6 +530,72 @@ def _resident_apply(chunks, fed, g_dev, args) -> dict:
     }
 
 
+def fedavg_case(updates, reps: int) -> dict:
+    """FedAvg's mean of the stacked updates vs a numpy mean of the same arrays (issue 16).
+
+    ``numpy``: ``np.mean(a, axis=0)`` per leaf of the host view of the same buffers.
+    ``weighted_mean``: :func:`marsjax.tree.weighted_mean` with equal weights, what FedAvg runs
+    (a ``where``-masked weighted sum over the client axis). ``jnp_mean``: ``jnp.mean(a, 0)``.
+    ``matmul``: the weighted sum as ``w @ a.reshape(N, -1)`` per leaf (a GEMV, no masking: a
+    NaN row with weight 0 would poison it). ``matmul_masked``: the same after zeroing rows with
+    weight 0 (``where``), which keeps ``weighted_mean``'s contract. ``matmul_checked``: the plain
+    GEMV, redone masked only when its result is not finite (the contract at GEMV speed when no
+    row is poisoned; XLA computes the unmasked GEMV once). Errors: max abs difference to
+    a float64 numpy mean, relative to the largest mean entry.
+    """
+    from marsjax.tree import weighted_mean
+
+    leaves = jax.tree.leaves(updates)
+    n = leaves[0].shape[0]
+    host = [np.asarray(a) for a in leaves]
+    want = [np.mean(a, axis=0, dtype=np.float64) for a in host]
+    scale = max(float(np.max(np.abs(w))) for w in want)
+    weights = jnp.ones(n, jnp.float32)
+
+    def gemv(u, w, masked):
+        w = w / jnp.sum(w)
+
+        def one(a):
+            flat = a.reshape(n, -1)
+            if masked:
+                flat = jnp.where((w != 0)[:, None], flat, 0)
+            hi = jax.lax.Precision.HIGHEST
+            return jnp.dot(w.astype(a.dtype), flat, precision=hi).reshape(a.shape[1:])
+
+        return jax.tree.map(one, u)
+
+    fns = {
+        "weighted_mean": lambda u, w: weighted_mean(u, w),
+        "jnp_mean": lambda u, w: jax.tree.map(lambda a: jnp.mean(a, axis=0), u),
+        "matmul": lambda u, w: gemv(u, w, False),
+        "matmul_masked": lambda u, w: gemv(u, w, True),
+        "matmul_checked": lambda u, w: jax.lax.cond(
+            jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(gemv(u, w, False))])
+            ),
+            lambda: gemv(u, w, False),
+            lambda: gemv(u, w, True),
+        ),
+    }
+    rec: dict = {"clients": n, "floats_per_client": int(sum(a[0].size for a in host))}
+    rec["numpy_s"], rec["numpy_cpu_s"] = _timed(
+        lambda: [np.mean(a, axis=0) for a in host], max(reps, 3)
+    )
+    for name, fn in fns.items():
+        jf = jax.jit(fn)
+        t = time.perf_counter()
+        compiled = jf.lower(updates, weights).compile()
+        rec[f"{name}_compile_s"] = time.perf_counter() - t
+        out = jax.tree.leaves(jax.block_until_ready(compiled(updates, weights)))
+        rec[f"{name}_s"], rec[f"{name}_cpu_s"] = _timed(
+            lambda c=compiled: c(updates, weights), max(reps, 3)
+        )
+        rec[f"{name}_vs_numpy"] = rec[f"{name}_s"] / rec["numpy_s"]
+        err = max(float(np.max(np.abs(np.asarray(o, np.float64) - w))) for o, w in zip(out, want))
+        rec[f"{name}_max_err"] = err / scale
+    return rec
+
+
 def _timed(fn, reps: int) -> tuple[float, float]:
     """(median wall seconds, median process CPU seconds) of ``reps`` calls."""
     wall, cpu = [], []
@@ -417,7 +608,8 @@ def _timed(fn, reps: int) -> tuple[float, float]:
 
 
 def sigma_case(fed: Federation, reps: int) -> dict:
-    """sigma_max of the 4,800 conv channels of one ResNet-18: batched SVD vs Gram + eigvalsh.
+    """sigma_max of the 4,800 conv channels of one ResNet-18: batched SVD vs Gram + eigvalsh vs
+    Gram + repeated squaring.
 
     Both methods get the same contiguous ``[C_out, kh*kw, C_in]`` channel matrices (prepared on
     the host); ``backdoor_energy_hwio`` is the whole BE step from the flax ``HWIO`` kernels
@@ -441,6 +633,9 @@ def sigma_case(fed: Federation, reps: int) -> dict:
     def gram_fn(ms):
         return jnp.concatenate(_matrix_norms(ms, False))
 
+    def squaring_fn(ms):
+        return jnp.concatenate(_matrix_norms(ms, False, "squaring"))
+
     def hwio_fn(t):
         return jnp.concatenate(backdoor_energy(t, layout=no_bn))
 
@@ -448,6 +643,7 @@ def sigma_case(fed: Federation, reps: int) -> dict:
     for name, fn, arg in (
         ("svd", svd_fn, mats),
         ("gram_eigvalsh", gram_fn, mats),
+        ("gram_squaring", squaring_fn, mats),
         ("backdoor_energy_hwio", hwio_fn, tree),
     ):
         jf = jax.jit(fn)
@@ -528,6 +724,35 @@ def table(path: str) -> str:
             f"| {n} | {r['jax_s_per_round']:.1f} ({r['jax_cpu_s_per_round']:.1f}) | {ref} "
             f"| {speed} | {stage1} | {stage2} | {agree} |"
         )
+    with_methods = {n: r for n, r in recs.items() if "methods" in r}
+    if with_methods:
+        rows += [
+            "",
+            (
+                "| clients | energy method | s/round (CPU s) | x reference | BE max rel. err. vs "
+                "float64 SVD | same flagged as reference |"
+            ),
+            "|---|---|---|---|---|---|",
+        ]
+        for n, r in sorted(with_methods.items()):
+            for m, pm in r["methods"].items():
+                err = pm.get("be_max_rel_err_svd64")
+                rows.append(
+                    f"| {n} | {m} | {pm['s_per_round']:.2f} ({pm['cpu_s_per_round']:.2f}) "
+                    f"| {pm.get('speedup_vs_ref', float('nan')):.1f}x "
+                    f"| {'-' if err is None else f'{err:.1e}'} | {pm.get('agree_with_ref', '-')} |"
+                )
+    with_fedavg = {n: r["fedavg_mean"] for n, r in recs.items() if "fedavg_mean" in r}
+    if with_fedavg:
+        names = ("weighted_mean", "jnp_mean", "matmul", "matmul_masked", "matmul_checked")
+        rows += [
+            "",
+            "| clients | numpy mean s | " + " | ".join(f"{k} s (x numpy)" for k in names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for n, f in sorted(with_fedavg.items()):
+            cells = " | ".join(f"{f[k + '_s']:.3f} ({f[k + '_vs_numpy']:.1f}x)" for k in names)
+            rows.append(f"| {n} | {f['numpy_s']:.3f} | {cells} |")
     return "\n".join(rows)
 
 
@@ -551,7 +776,10 @@ def main() -> None:
 
     fed = Federation()
     g_dev = jax.device_put(fed.global_tree())
-    cbe_fn = jax.jit(lambda u, g: mars_cbe(u, g, fed.layout))
+    methods = [m.strip() for m in args.energy_methods.split(",") if m.strip()]
+    cbe_fns = {
+        m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, energy_method=m)) for m in methods
+    }
     select_fn = jax.jit(lambda c, v: mars_select(jax.random.key(0), c, v, 0.03))
     ref = None if args.no_ref else Reference(fed, args.torch_device, args.torch_threads)
     if args.extras:
@@ -560,7 +788,7 @@ def main() -> None:
             emit(rec)
     compile_info: dict = {}
     for n in (int(c) for c in args.clients.split(",") if c.strip()):
-        emit(run_case(n, fed, g_dev, cbe_fn, select_fn, ref, args, compile_info))
+        emit(run_case(n, fed, g_dev, cbe_fns, select_fn, ref, args, compile_info))
 
 
 if __name__ == "__main__":
