@@ -48,7 +48,7 @@ import numpy as np
 from marsjax.attacks._dba import poisoned_ce_loss
 from marsjax.attacks._mra import (
     attacker_data,
-    check_common,
+    benign_schedule,
     forward,
     identity_poison,
     make_backdoor_trainer,
@@ -196,15 +196,7 @@ def a3fl(
             raise ValueError(f"attack.options.{name} must be an integer >= 1, got {v}")
     if not trigger_lr > 0 or not scale > 0 or not adv_lr > 0 or not adv_lambda >= 0:
         raise ValueError("attack.options.trigger_lr, adv_lr and scale must be > 0, adv_lambda >= 0")
-    check_common(
-        1.0 if lr is None else lr,
-        1 if poison_epochs is None else poison_epochs,
-        poison_steps,
-        data,
-        batch_size,
-    )
-    lr = ctx.train.lr if lr is None else lr
-    poison_epochs = ctx.train.local_epochs if poison_epochs is None else poison_epochs
+    lr, poison_epochs = benign_schedule(ctx, lr, poison_epochs, poison_steps, data, batch_size)
     bs = batch_size or ctx.train.batch_size
     h, w, ch = ctx.image_shape
     mask = jnp.asarray(patch_mask(np.asarray(ctx.trigger.mask)))

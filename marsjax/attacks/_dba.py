@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from marsjax.attacks._mra import (
-    check_common,
+    benign_schedule,
     forward,
     identity_poison,
     make_backdoor_trainer,
@@ -125,15 +125,7 @@ def dba(
         raise ValueError(f"attack.options.top/left must be integers >= 0, got {top}, {left}")
     if not scale > 0:
         raise ValueError(f"attack.options.scale must be > 0, got {scale}")
-    check_common(
-        1.0 if lr is None else lr,
-        1 if poison_epochs is None else poison_epochs,
-        poison_steps,
-        "first",
-        batch_size,
-    )
-    lr = ctx.train.lr if lr is None else lr
-    poison_epochs = ctx.train.local_epochs if poison_epochs is None else poison_epochs
+    lr, poison_epochs = benign_schedule(ctx, lr, poison_epochs, poison_steps, "first", batch_size)
     pieces = dba_pieces(ctx.image_shape, num_pieces, size, gap, top, left)
     full = pieces.any(axis=0)
     white = jnp.uint8(255)

@@ -263,6 +263,22 @@ def check_common(
         raise ValueError(f"attack.options.batch_size must be None or >= 1, got {batch_size}")
 
 
+def benign_schedule(
+    ctx: AttackContext,
+    lr: float | None,
+    epochs: int | None,
+    steps: int | None,
+    data: str,
+    batch_size: int | None,
+) -> tuple[float, int]:
+    """``(lr, epochs)`` defaulting to the benign clients' (``ctx.train``), validated as
+    :func:`check_common` does (for the attacks whose training defaults to the benign schedule)."""
+    lr = ctx.train.lr if lr is None else lr
+    epochs = ctx.train.local_epochs if epochs is None else epochs
+    check_common(lr, epochs, steps, data, batch_size)
+    return lr, epochs
+
+
 # ------------------------------------------------------------------------------------------------
 # The attack
 

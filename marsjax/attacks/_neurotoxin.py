@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from marsjax.attacks._byzantine import benign_stats
 from marsjax.attacks._dba import poisoned_ce_loss, train_each_attacker
 from marsjax.attacks._mra import (
-    check_common,
+    benign_schedule,
     identity_poison,
     make_backdoor_trainer,
     pattern_trigger_fn,
@@ -114,15 +114,7 @@ def neurotoxin(
         raise ValueError(f"attack.options.norm_bound must be None or > 0, got {norm_bound}")
     if not scale > 0:
         raise ValueError(f"attack.options.scale must be > 0, got {scale}")
-    check_common(
-        1.0 if lr is None else lr,
-        1 if poison_epochs is None else poison_epochs,
-        poison_steps,
-        "first",
-        batch_size,
-    )
-    lr = ctx.train.lr if lr is None else lr
-    poison_epochs = ctx.train.local_epochs if poison_epochs is None else poison_epochs
+    lr, poison_epochs = benign_schedule(ctx, lr, poison_epochs, poison_steps, "first", batch_size)
 
     def stamp(x, aux):
         return apply_trigger(x, ctx.trigger)
