@@ -120,6 +120,11 @@ def _parse() -> argparse.Namespace:
     )
     p.add_argument("--no-fedavg", action="store_true", help="skip FedAvg's mean vs numpy")
     p.add_argument(
+        "--only-fedavg",
+        action="store_true",
+        help="only FedAvg's mean vs numpy (records case fedavg_mean; no MARS, no reference)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="check the script runs (1 rep, 2 timed reference clients, 1 SVD client; "
@@ -701,12 +706,14 @@ def kmeans_case(reps: int) -> list[dict]:
 
 def table(path: str) -> str:
     """The docstring's table from a results file (the last record per client count)."""
-    recs = {}
+    recs, fedavg_only = {}, {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
             if rec["case"] == "mars_cost":
                 recs[rec["clients"]] = rec
+            elif rec["case"] == "fedavg_mean":  # --only-fedavg records, newer than the above
+                fedavg_only[rec["clients"]] = rec
     rows = [
         (
             "| clients | marsjax s/round (CPU s) | reference s/round (CPU s) | speedup "
@@ -748,6 +755,7 @@ def table(path: str) -> str:
                     f"| {'-' if err is None else f'{err:.1e}'} | {pm.get('agree_with_ref', '-')} |"
                 )
     with_fedavg = {n: r["fedavg_mean"] for n, r in recs.items() if "fedavg_mean" in r}
+    with_fedavg.update(fedavg_only)
     if with_fedavg:
         names = ("weighted_mean", "jnp_mean", "matmul", "matmul_masked", "matmul_checked")
         rows += [
@@ -791,13 +799,19 @@ def main() -> None:
         m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, energy_method=m)) for m in methods
     }
     select_fn = jax.jit(lambda c, v: mars_select(jax.random.key(0), c, v, 0.03))
-    ref = None if args.no_ref else Reference(fed, args.torch_device, args.torch_threads)
-    if args.extras:
+    ref = None if args.no_ref or args.only_fedavg else Reference(fed, args.torch_device, args.torch_threads)
+    if args.extras and not args.only_fedavg:
         emit(sigma_case(fed, args.reps))
         for rec in kmeans_case(args.reps):
             emit(rec)
     compile_info: dict = {}
     for n in (int(c) for c in args.clients.split(",") if c.strip()):
+        if args.only_fedavg:
+            ids = np.arange(n)
+            updates = jax.device_put(fed.updates(ids, round(args.attack_frac * n)))
+            emit({"case": "fedavg_mean", "clients": n, **fedavg_case(updates, args.reps)})
+            del updates
+            continue
         emit(run_case(n, fed, g_dev, cbe_fns, select_fn, ref, args, compile_info))
 
 

@@ -48,14 +48,51 @@ def unflatten_like(vector: jax.Array, like: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def weighted_sum(updates: Updates, weights: jax.Array) -> PyTree:
-    """``sum_i w_i * u_i`` over the client axis; rows with ``w_i == 0`` never contribute (even NaN)."""
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _gemv(weights: jax.Array, updates: Updates) -> PyTree:
+    """``weights @ u.reshape(N, -1)`` per leaf: the weighted sum as one matrix-vector product."""
 
     def f(u):
-        w = weights.astype(u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
-        return jnp.sum(jnp.where(w != 0, w * u, 0), axis=0)
+        s = jnp.dot(weights.astype(u.dtype), u.reshape(u.shape[0], -1), precision=_HI)
+        return s.reshape(u.shape[1:])
 
     return jax.tree.map(f, updates)
+
+
+def _all_finite_fast(tree: PyTree) -> jax.Array:
+    """True iff every entry of ``tree`` is finite, as dot products with zeros.
+
+    ``x . 0`` is NaN exactly when some entry of ``x`` is NaN or infinite. XLA:CPU runs a dot at
+    memory speed but ``jnp.all(jnp.isfinite(x))`` (a reduction) far below it.
+    """
+    probe = sum(
+        jnp.dot(x.reshape(-1), jnp.zeros(x.size, x.dtype), precision=_HI)
+        for x in jax.tree.leaves(tree)
+    )
+    return jnp.isfinite(probe)
+
+
+def weighted_sum(updates: Updates, weights: jax.Array) -> PyTree:
+    """``sum_i w_i * u_i`` over the client axis; rows with ``w_i == 0`` never contribute (even NaN).
+
+    Computed as a plain matrix-vector product per leaf (a GEMV: memory speed on every backend).
+    A row with weight 0 holding NaN or Inf would poison that product (``0 * nan = nan``), so when
+    its result is not finite the sum is redone with those rows masked out (``jnp.where``, ~50x
+    slower on XLA:CPU); with finite uploads only the GEMV runs. The result is the masked sum in
+    both cases, up to float summation order (benchmarks/bench_mars.py, ``fedavg`` case).
+    """
+    plain = _gemv(weights, updates)
+
+    def masked():
+        def f(u):
+            w = weights.astype(u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+            return jnp.sum(jnp.where(w != 0, w * u, 0), axis=0)
+
+        return jax.tree.map(f, updates)
+
+    return jax.lax.cond(_all_finite_fast(plain), lambda: plain, masked)
 
 
 def weighted_mean(updates: Updates, weights: jax.Array) -> PyTree:
