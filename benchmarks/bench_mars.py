@@ -799,7 +799,11 @@ def main() -> None:
         m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, energy_method=m)) for m in methods
     }
     select_fn = jax.jit(lambda c, v: mars_select(jax.random.key(0), c, v, 0.03))
-    ref = None if args.no_ref or args.only_fedavg else Reference(fed, args.torch_device, args.torch_threads)
+    ref = (
+        None
+        if args.no_ref or args.only_fedavg
+        else Reference(fed, args.torch_device, args.torch_threads)
+    )
     if args.extras and not args.only_fedavg:
         emit(sigma_case(fed, args.reps))
         for rec in kmeans_case(args.reps):

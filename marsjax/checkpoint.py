@@ -107,6 +107,13 @@ EXECUTION_FIELDS = frozenset(
         "model.conv_impl",
     }
 )
+# Fields added after results were committed, with the value that reproduces the earlier behaviour:
+# a saved config without the field and a config holding that value describe the same experiment.
+ADDED_FIELDS: dict[str, Any] = {"data.samples_per_client": None}
+
+
+def _drop_added_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
 
 
 class CheckpointError(RuntimeError):
@@ -150,7 +157,7 @@ def config_diff(saved: dict, current: dict) -> list[str]:
         {k: v for k, v in d.items() if k not in PROVENANCE_KEYS} if isinstance(d, dict) else d
         for d in (saved, current)
     )
-    a, b = _flatten_dict(_canonical(saved)), _flatten_dict(_canonical(current))
+    a, b = (_drop_added_defaults(_flatten_dict(_canonical(d))) for d in (saved, current))
     same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
     return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not same(a[k], b[k]))
 
@@ -165,7 +172,7 @@ def fingerprint(cfg: ExperimentConfig | dict) -> str:
     Two configs with the same fingerprint run the same experiment; a checkpoint records it.
     """
     d = _canonical(to_dict(cfg) if isinstance(cfg, ExperimentConfig) else cfg)
-    flat = {k: v for k, v in _flatten_dict(d).items() if not _is_allowed(k)}
+    flat = {k: v for k, v in _drop_added_defaults(_flatten_dict(d)).items() if not _is_allowed(k)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 

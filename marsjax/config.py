@@ -63,8 +63,12 @@ class DataConfig:
       data_dir: directory with IDX files or a prepared tfds ``data_dir``.
       source: ``auto``, ``idx`` or ``tfds``.
       num_clients: clients in the federation.
-      partition: ``dirichlet`` (per-class Dirichlet, the paper's) or ``iid``.
+      partition: ``dirichlet`` (per-class Dirichlet, the paper's), ``iid`` (disjoint near-equal
+        shares) or ``sampled`` (every client draws ``samples_per_client`` distinct samples at
+        random, independently of the others: clients overlap; for federations with more clients
+        than samples, e.g. 1,000,000 registered clients).
       dirichlet_alpha: concentration (> 0); the paper uses 0.9.
+      samples_per_client: ``sampled`` only (required there): samples each client holds.
       server_samples: clean training samples the server holds (FLTrust's root data,
         BackdoorIndicator's clean data), drawn from the training set with their own seed; they may
         also belong to a client, as a root set drawn from the same distribution would.
@@ -77,6 +81,7 @@ class DataConfig:
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.9
     server_samples: int = 100
+    samples_per_client: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +381,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_str("data.data_dir", d.data_dir, allow_none=True)
     _check_choice("data.source", d.source, ("auto", "idx", "tfds"))
     _check_int("data.num_clients", d.num_clients, lo=1)
-    _check_choice("data.partition", d.partition, ("dirichlet", "iid"))
+    _check_choice("data.partition", d.partition, ("dirichlet", "iid", "sampled"))
+    _check_int("data.samples_per_client", d.samples_per_client, lo=1, allow_none=True)
+    if (d.partition == "sampled") != (d.samples_per_client is not None):
+        _fail(
+            "data.samples_per_client",
+            d.samples_per_client,
+            "set it (>= 1) with data.partition='sampled', and only then",
+        )
     _check_float("data.dirichlet_alpha", d.dirichlet_alpha, lo=0, lo_open=True)
     _check_int("data.server_samples", d.server_samples, lo=0)
 

@@ -34,7 +34,14 @@ import numpy as np
 from marsjax import aggregation, attacks, defenses, provenance, sharding
 from marsjax.client import ClientData, make_local_train, make_normalize
 from marsjax.config import ConfigError, ExperimentConfig, to_dict, validate
-from marsjax.data import Dataset, dirichlet_partition, iid_partition, load_dataset, pattern_trigger
+from marsjax.data import (
+    Dataset,
+    dirichlet_partition,
+    iid_partition,
+    load_dataset,
+    pattern_trigger,
+    sampled_partition,
+)
 from marsjax.metrics import detection_rates, make_evaluate, summarize
 from marsjax.models import build_model
 from marsjax.tree import row_is_finite, zero_rows
@@ -159,6 +166,9 @@ def _partition(cfg: ExperimentConfig, ds: Dataset):
     seed = int(np.random.SeedSequence([cfg.run.seed, _PARTITION_SALT]).generate_state(1)[0])
     if cfg.data.partition == "iid":
         return iid_partition(ds.y_train, cfg.data.num_clients, seed, ds.num_classes)
+    if cfg.data.partition == "sampled":
+        k = cfg.data.samples_per_client  # more than the training set: a ValueError names it
+        return sampled_partition(ds.y_train, cfg.data.num_clients, k, seed, ds.num_classes)
     return dirichlet_partition(
         ds.y_train, cfg.data.num_clients, cfg.data.dirichlet_alpha, seed, ds.num_classes
     )

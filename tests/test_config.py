@@ -18,6 +18,8 @@ BAD = [
     ("data.dirichlet_alpha", -1.0, "data.dirichlet_alpha"),
     ("data.dirichlet_alpha", float("nan"), "data.dirichlet_alpha"),
     ("data.partition", "shards", "data.partition"),
+    ("data.samples_per_client", 4, "data.samples_per_client"),  # without partition "sampled"
+    ("data.samples_per_client", 0, "data.samples_per_client"),
     ("model.name", "vgg", "model.name"),
     ("model.conv_impl", "cudnn", "model.conv_impl"),
     ("model.width", "paper", "model.width"),  # 28x28 SimpleNet on 8x8 digits
@@ -124,3 +126,23 @@ def test_cli_validate_and_errors(capsys, tmp_path):
     )
     assert cli.main(["validate", str(f)]) == 0
     assert cli.main(["validate", "nosuch"]) == 2
+
+
+def test_sampled_partition_needs_samples_per_client():
+    cfg = override(get_preset("quickstart"), {"data.partition": "sampled"})
+    with pytest.raises(ConfigError, match="data.samples_per_client"):
+        validate(cfg)
+    validate(override(cfg, {"data.samples_per_client": 8}))
+
+
+def test_a_field_added_later_matches_folders_saved_without_it():
+    from marsjax.checkpoint import config_diff, fingerprint
+
+    cfg = get_preset("quickstart")
+    saved = to_dict(cfg)
+    del saved["data"]["samples_per_client"]  # a config.json written before the field existed
+    assert config_diff(saved, to_dict(cfg)) == []
+    assert fingerprint(saved) == fingerprint(cfg)
+    sampled = override(cfg, {"data.partition": "sampled", "data.samples_per_client": 8})
+    assert config_diff(saved, to_dict(sampled)) == ["data.partition", "data.samples_per_client"]
+    assert fingerprint(saved) != fingerprint(sampled)

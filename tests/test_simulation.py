@@ -125,3 +125,24 @@ def test_nonfinite_upload_is_dropped_and_model_stays_finite(digits):
     assert all(r["tpr"] == 100.0 for r in res["records"])  # dropped = flagged
     for leaf in jax.tree.leaves(res["state"].global_variables):
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_sampled_partition_federation_larger_than_the_dataset(digits):
+    # 20,000 registered clients on 1,437 training images: each holds 5 distinct random samples
+    cfg = _cfg(
+        **{
+            "data.num_clients": 20000,
+            "data.partition": "sampled",
+            "data.samples_per_client": 5,
+            "run.rounds": 2,
+        }
+    )
+    sim = simulation.build(cfg, digits)
+    assert sim.partition.indices.shape == (20000, 5) and np.all(sim.partition.counts == 5)
+    state = sim.init_state()
+    state, m = sim.round_step(state, sim.data)
+    ids = np.asarray(m["client_ids"])
+    assert len(set(ids.tolist())) == ids.size and ids.max() < 20000
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.global_variables))
+    with pytest.raises(ValueError, match="samples_per_client"):
+        simulation.build(override(cfg, {"data.samples_per_client": 10**6}), digits)

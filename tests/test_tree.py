@@ -85,6 +85,6 @@ def test_vmapped_over_variants_matches_one_by_one():
     for i in range(v):
         one = weighted_mean(trees[i], jnp.asarray(ws[i]))
         jax.tree.map(
-            lambda g, x: np.testing.assert_allclose(g[i], x, rtol=1e-6, atol=1e-6), got, one
+            lambda g, x, i=i: np.testing.assert_allclose(g[i], x, rtol=1e-6, atol=1e-6), got, one
         )
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(one))
