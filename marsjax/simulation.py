@@ -86,6 +86,29 @@ class RoundState(NamedTuple):
     attack_state: Any
 
 
+# Above this pool size a round's draw without replacement uses Floyd's algorithm (O(m^2) in the m
+# clients drawn; used while m^2 <= 1000 pool) instead of a permutation of the whole pool: both
+# give every m-subset the same probability; below it (every paper setting) the draw is unchanged.
+FLOYD_MIN_POOL = 2**16
+
+
+def _choice(key: jax.Array, pool: int, m: int) -> jax.Array:
+    """``m`` distinct ints of ``range(pool)``, uniformly random, in random order (static sizes)."""
+    if pool <= FLOYD_MIN_POOL or m * m > 1000 * pool:  # measured: scale_clients.py, sampling
+        return jax.random.choice(key, pool, (m,), replace=False)
+    k_draw, k_order = jax.random.split(key)
+    # Floyd: for j = pool - m .. pool - 1 draw t in [0, j]; take t unless already taken, else j
+    tops = pool - m + jnp.arange(m)
+    draws = jax.random.randint(k_draw, (m,), 0, tops + 1)
+
+    def step(i, chosen):
+        t = draws[i]
+        return chosen.at[i].set(jnp.where(jnp.any(chosen == t), tops[i], t))
+
+    chosen = jax.lax.fori_loop(0, m, step, jnp.full((m,), -1, draws.dtype))
+    return jax.random.permutation(k_order, chosen)
+
+
 def sample_clients(
     key: jax.Array,
     num_clients: int,
@@ -98,20 +121,20 @@ def sample_clients(
     Attackers are the ids ``0 .. num_attackers - 1``. With ``attackers_per_round`` set, exactly
     that many attackers and ``clients_per_round - attackers_per_round`` benign clients are drawn
     (the paper: 4 + 16); the rows are then shuffled so that no position reveals an attacker.
+    A pool of more than ``FLOYD_MIN_POOL`` ids is drawn from by Floyd's algorithm (cost in the
+    clients drawn, not the pool: federations of millions of registered clients).
 
     Returns:
       ``(client_ids int32 [m], is_malicious bool [m])``.
     """
     m = clients_per_round
     if attackers_per_round is None or num_attackers == 0:
-        ids = jax.random.choice(key, num_clients, (m,), replace=False)
+        ids = _choice(key, num_clients, m)
     else:
         a = attackers_per_round
         k1, k2, k3 = jax.random.split(key, 3)
-        mal = jax.random.choice(k1, num_attackers, (a,), replace=False)
-        ben = num_attackers + jax.random.choice(
-            k2, num_clients - num_attackers, (m - a,), replace=False
-        )
+        mal = _choice(k1, num_attackers, a)
+        ben = num_attackers + _choice(k2, num_clients - num_attackers, m - a)
         ids = jax.random.permutation(k3, jnp.concatenate([mal, ben]))
     ids = ids.astype(jnp.int32)
     return ids, ids < num_attackers

@@ -146,3 +146,30 @@ def test_sampled_partition_federation_larger_than_the_dataset(digits):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.global_variables))
     with pytest.raises(ValueError, match="samples_per_client"):
         simulation.build(override(cfg, {"data.samples_per_client": 10**6}), digits)
+
+
+def test_floyd_draw_is_uniform_over_subsets_and_orders(monkeypatch):
+    # the draw used for pools above FLOYD_MIN_POOL, forced on a small pool to count outcomes
+    from scipy import stats
+
+    monkeypatch.setattr(simulation, "FLOYD_MIN_POOL", 0)
+    pool, m, n = 7, 3, 42000
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: simulation._choice(k, pool, m)))(keys))
+    assert np.all((draws >= 0) & (draws < pool))
+    assert np.all(np.sort(draws, 1)[:, 1:] != np.sort(draws, 1)[:, :-1])  # distinct
+    # every ordered triple (7 * 6 * 5 = 210) equally likely: chi-square goodness of fit
+    code = (draws[:, 0] * pool + draws[:, 1]) * pool + draws[:, 2]
+    counts = np.bincount(code, minlength=pool**3)
+    seen = counts[counts > 0]
+    assert seen.size == 210
+    assert stats.chisquare(seen).pvalue > 1e-3
+
+
+def test_sampling_from_a_million_registered_clients():
+    ids, mal = jax.jit(lambda k: simulation.sample_clients(k, 10**6, 2 * 10**5, 100, 20))(
+        jax.random.key(1)
+    )
+    ids, mal = np.asarray(ids), np.asarray(mal)
+    assert len(set(ids.tolist())) == 100 and mal.sum() == 20
+    assert np.all(ids[mal] < 2 * 10**5) and np.all((ids[~mal] >= 2 * 10**5) & (ids[~mal] < 10**6))
