@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark set quoted in the README's Performance section. Run from the repository root on
-# an otherwise idle machine (about 25 minutes on 2 cores); results are appended to
+# an otherwise idle machine (about 40 minutes on 2 cores); results are appended to
 # benchmarks/results/*_cpu.jsonl. Every case of round_throughput runs in its own process, so that
 # its peak_rss_mb is that case's peak memory.
 set -euo pipefail
@@ -19,3 +19,8 @@ rt --cases simplenet:500 --peak --repeats 2
 rt --cases resnet18:10:64 --torch resnet18:10:64 --jax-loop resnet18:10:64 --repeats 2
 # The same round on 1, 2, 4, 8 (fake) devices.
 "$PY" -m benchmarks.device_scaling --devices 1,2,4,8 --case simplenet:40:300
+# Federations of 1,000,000 registered clients, rounds of up to 10,000 clients, MARS's selection at
+# 10,000 uploads (about 12 minutes; every case in its own process).
+"$PY" -m benchmarks.scale_clients --out benchmarks/results/scale_clients_cpu.jsonl
+# FedAvg's mean of 100 ResNet-18 updates vs numpy's (about 2 minutes).
+"$PY" -m benchmarks.bench_mars --clients 100 --only-fedavg --reps 5 --out benchmarks/results/mars_cost_cpu.jsonl
