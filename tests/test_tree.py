@@ -88,3 +88,20 @@ def test_vmapped_over_variants_matches_one_by_one():
             lambda g, x, i=i: np.testing.assert_allclose(g[i], x, rtol=1e-6, atol=1e-6), got, one
         )
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(one))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_row_is_finite_matches_numpy_with_hostile_entries(dtype):
+    from marsjax.tree import row_is_finite
+
+    rng = np.random.default_rng(6)
+    tree = jax.tree.map(lambda a: a.astype(dtype), _tree(rng, 12))
+    leaves = jax.tree.leaves(tree)
+    big = np.finfo(dtype).max
+    for row, value in [(1, np.nan), (4, np.inf), (6, -np.inf), (8, big), (9, -big), (10, 0.0)]:
+        leaf = leaves[row % len(leaves)]
+        leaf[row].flat[rng.integers(leaf[row].size)] = value
+    want = np.all(np.stack([np.isfinite(a.reshape(12, -1)).all(axis=1) for a in leaves]), axis=0)
+    got = np.asarray(jax.jit(row_is_finite)(tree))
+    np.testing.assert_array_equal(got, want)
+    assert list(np.flatnonzero(~got)) == [1, 4, 6]  # huge finite values are finite
