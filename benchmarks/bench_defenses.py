@@ -66,8 +66,11 @@ def machine() -> dict:
                     break
     except OSError:
         pass
+    from marsjax.provenance import git_state
+
     dev = jax.devices()[0]
     return {
+        **git_state(),  # commit, dirty
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "cpu": cpu,
