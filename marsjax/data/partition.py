@@ -156,8 +156,9 @@ def sampled_partition(
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     rng = np.random.default_rng(seed)
     k = samples_per_client
-    # k distinct samples per client: k draws from n, n-1, ..., n-k+1 mapped past earlier picks
-    # (a vectorised Floyd / sequential draw; each row is a uniform k-subset)
+    # k distinct samples per client, all clients at once: pick t is uniform over the n - t samples
+    # not yet picked (a draw in [0, n - t) moved past the earlier picks, smallest first), so each
+    # row is a uniform k-subset
     picks = np.empty((num_clients, k), np.int64)
     for t in range(k):
         r = rng.integers(0, n - t, size=num_clients)
