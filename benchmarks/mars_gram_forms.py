@@ -131,7 +131,9 @@ def cases() -> dict:
     return {
         "shipped_eigvalsh": shipped("eigvalsh"),
         "shipped_squaring": shipped("squaring"),
-        "soa_squaring": _full(lambda k: jnp.sqrt(jnp.maximum(lambda_max_soa(gram_flax_bcast(k)), 0))),
+        "soa_squaring": _full(
+            lambda k: jnp.sqrt(jnp.maximum(lambda_max_soa(gram_flax_bcast(k)), 0))
+        ),
         "gram_shipped": _gram_only(gram_shipped),
         "gram_flax_bcast": _gram_only(gram_flax_bcast),
         "gram_flax_pairs": _gram_only(gram_flax_pairs),
@@ -167,8 +169,10 @@ def main() -> None:
     ]
     ks = [jnp.asarray(k) for k in host]
     want = reference(host)
-    gram_flops = 2 * args.clients * sum(
-        min(kh * kw, ci) ** 2 * max(kh * kw, ci) * co for kh, kw, ci, co in RESNET18_KERNELS
+    gram_flops = (
+        2
+        * args.clients
+        * sum(min(kh * kw, ci) ** 2 * max(kh * kw, ci) * co for kh, kw, ci, co in RESNET18_KERNELS)
     )
     info = machine()
     command = "python -m benchmarks.mars_gram_forms " + " ".join(sys.argv[1:])
