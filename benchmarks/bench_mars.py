@@ -113,7 +113,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument(
         "--energy-methods",
         default="eigvalsh,squaring",
-        help="MARS energy methods timed side by side (the first one fills the jax_* keys)",
+        help="MARS energy methods timed side by side (the first one fills the jax_* keys); "
+        "METHOD:FORM picks the Gram form too (e.g. squaring:channel_major)",
     )
     p.add_argument(
         "--svd-clients", type=int, default=2, help="clients whose BE is checked vs float64 SVD"
@@ -474,7 +475,9 @@ def run_case(n: int, fed: Federation, g_dev, cbe_fns, select_fn, ref, args, comp
         del cbe_rows, cbes
         updates = jax.tree.map(lambda *a: jnp.concatenate(a), *resident)
         resident.clear()  # keep one copy of the stacked updates alive
-        rec["resident"] = {m: _resident_apply(updates, fed, g_dev, args, m) for m in methods}
+        rec["resident"] = {  # mars() itself: the backend's Gram form only
+            m: _resident_apply(updates, fed, g_dev, args, m) for m in methods if ":" not in m
+        }
         if not args.no_fedavg:
             rec["fedavg_mean"] = fedavg_case(updates, args.reps)
         del updates
@@ -506,10 +509,26 @@ def be_vs_float64_svd(fed: Federation, g_dev, upd: dict, k: int, methods) -> dic
     want = np.stack(want)
     out = {}
     for m in methods:
-        f = jax.jit(jax.vmap(lambda t, m=m: backdoor_energy(t, layout=fed.layout, method=m)))
+        method, form = _method_form(m)
+        f = jax.jit(
+            jax.vmap(
+                lambda t, m=method, g=form: backdoor_energy(
+                    t, layout=fed.layout, method=m, gram_form=g
+                )
+            )
+        )
         got = np.concatenate([np.asarray(x, np.float64) for x in f(models)], axis=1)
         out[m] = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-300)))
     return out
+
+
+_KW = ("energy_method", "gram_form")
+
+
+def _method_form(spec: str) -> tuple[str, str | None]:
+    """``"squaring:pairs"`` -> ``("squaring", "pairs")``; no ``:form``: the backend default."""
+    method, _, form = spec.partition(":")
+    return method, form or None
 
 
 def _resident_apply(updates, fed, g_dev, args, method: str) -> dict:
@@ -796,7 +815,8 @@ def main() -> None:
     g_dev = jax.device_put(fed.global_tree())
     methods = [m.strip() for m in args.energy_methods.split(",") if m.strip()]
     cbe_fns = {
-        m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, energy_method=m)) for m in methods
+        m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, **dict(zip(_KW, _method_form(m)))))
+        for m in methods
     }
     select_fn = jax.jit(lambda c, v: mars_select(jax.random.key(0), c, v, 0.03))
     ref = (

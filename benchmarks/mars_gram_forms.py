@@ -2,21 +2,22 @@
 
 MARS's backdoor energy needs ``sigma_max`` of every output channel's ``kh*kw x C_in`` matrix;
 ``marsjax/mars/energy.py`` forms each channel's ``9 x 9`` Gram matrix (``3 x 3`` for the RGB stem,
-``1 x 1`` for 1x1 kernels) after one transpose of the flax kernel to channel-major, then takes
-its largest eigenvalue (``eigvalsh``, or repeated squaring). Issue 16 asks for MARS at 10x the
-official-structure reference, i.e. about 24 ms per ResNet-18 client on the 2-core CPU, and the
-shipped path takes about 90-100 ms, most of it the Gram step. The Gram is only ~0.2 GFLOP per
+``1 x 1`` for 1x1 kernels), then takes its largest eigenvalue (``eigvalsh``, or repeated
+squaring). Issue 16 asks for MARS at 10x the official-structure reference, i.e. about 24 ms per
+ResNet-18 client on the 2-core CPU; MARS took 90-100 ms, most of it the Gram step. The Gram is only ~0.2 GFLOP per
 client (9x the kernel's size in multiply-adds), so this script measures which formulation XLA:CPU
 runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,800 channels),
 ``--clients`` clients under one ``vmap``, one compiled call each:
 
-* ``shipped_eigvalsh`` / ``shipped_squaring``: ``energy._conv_norms`` as MARS runs it.
-* ``gram_*``: the Gram step alone (outputs flattened), four ways: ``shipped`` (2-D transpose to
-  ``[C_out, 9, C_in]`` + batched ``einsum``), ``flax_bcast`` (``sum(m[:, None] * m[None], C_in)``
-  in the flax layout, no transpose: the form the energy module's docstring rules out for an
-  XNNPACK miscompile), ``flax_pairs`` (the 45 distinct pairs as separate reductions),
+* ``<form>_<method>``: ``energy._conv_norms`` with ``gram_form`` ``channel_major`` (the 2-D
+  transpose to ``[C_out, 9, C_in]`` + a batched ``einsum``: MARS's only form before this
+  benchmark) or ``pairs`` (the CPU default since), and ``method`` ``eigvalsh`` or ``squaring``.
+* ``gram_*``: the Gram step alone (outputs flattened): ``channel_major``; ``flax_bcast``
+  (``sum(m[:, None] * m[None], C_in)`` in the flax layout, no transpose; jaxlib 0.10.2
+  miscompiles it under ``vmap`` with one client, see ``marsjax/mars/energy.py``);
+  ``flax_pairs`` (the 45 distinct pairs as separate reductions: the ``pairs`` form);
   ``tiled_gemm<T>`` (channels in tiles of ``T``: one ``9T x 9T`` product per tile, the diagonal
-  blocks kept; ``T`` times the arithmetic, as plain matrix products), ``cin_major`` (kernel moved
+  blocks kept; ``T`` times the arithmetic, as plain matrix products); ``cin_major`` (kernel moved
   to ``[C_in, C_out, 9]``, outer products summed over ``C_in``).
 * ``soa_squaring``: ``flax_bcast`` Grams kept as ``[9, 9, C_out]`` and squared elementwise along
   the channel axis (structure of arrays) instead of as a batch of 9x9 matrix products.
@@ -93,7 +94,7 @@ def gram_cin_major(k: jax.Array) -> jax.Array:
     return jnp.sum(y[:, :, :, None] * y[:, :, None, :], axis=0)  # [C_out, d, d]
 
 
-def gram_shipped(k: jax.Array) -> jax.Array:
+def gram_channel_major(k: jax.Array) -> jax.Array:
     return E._gram(E._channel_matrices(k))
 
 
@@ -123,18 +124,22 @@ def _gram_only(gram):
 
 
 def cases() -> dict:
-    def shipped(method):
+    def energy(method, form):
         return lambda ks: jax.vmap(
-            lambda *kk: jnp.concatenate(E._conv_norms(list(kk), False, method, E.NUM_SQUARINGS))
+            lambda *kk: jnp.concatenate(
+                E._conv_norms(list(kk), False, method, E.NUM_SQUARINGS, gram_form=form)
+            )
         )(*ks)
 
     return {
-        "shipped_eigvalsh": shipped("eigvalsh"),
-        "shipped_squaring": shipped("squaring"),
+        "channel_major_eigvalsh": energy("eigvalsh", "channel_major"),
+        "channel_major_squaring": energy("squaring", "channel_major"),
+        "pairs_eigvalsh": energy("eigvalsh", "pairs"),
+        "pairs_squaring": energy("squaring", "pairs"),
         "soa_squaring": _full(
             lambda k: jnp.sqrt(jnp.maximum(lambda_max_soa(gram_flax_bcast(k)), 0))
         ),
-        "gram_shipped": _gram_only(gram_shipped),
+        "gram_channel_major": _gram_only(gram_channel_major),
         "gram_flax_bcast": _gram_only(gram_flax_bcast),
         "gram_flax_pairs": _gram_only(gram_flax_pairs),
         "gram_tiled_gemm4": _gram_only(lambda k: gram_tiled(k, 4)),

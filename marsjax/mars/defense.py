@@ -44,6 +44,7 @@ from marsjax.mars.energy import (
     ENERGY_METHODS,
     EnergyLayout,
     EnergyMethod,
+    GramForm,
     backdoor_energy,
     concentrated_backdoor_energy,
     energy_layout,
@@ -172,6 +173,7 @@ def mars_cbe(
     kappa: float = 0.05,
     chunk_size: int | None = None,
     energy_method: EnergyMethod = "eigvalsh",
+    gram_form: GramForm | None = None,
 ) -> jax.Array:
     """CBE of every client model ``global + update``.
 
@@ -184,6 +186,8 @@ def mars_cbe(
       chunk_size: ``None``: all clients at once (``vmap``); else ``lax.map`` over chunks of this
         many clients (bounds memory for large N).
       energy_method: ``"eigvalsh"`` or ``"squaring"`` (:func:`~marsjax.mars.energy.backdoor_energy`).
+      gram_form: ``"pairs"`` or ``"channel_major"`` (default: by backend;
+        :func:`~marsjax.mars.energy.channel_spectral_norms`).
 
     Returns:
       ``[N, M]`` float32.
@@ -193,7 +197,7 @@ def mars_cbe(
 
     def one(ui: dict) -> jax.Array:
         model = jax.tree.map(lambda a, b: a.astype(jnp.float32) + b.astype(jnp.float32), g, ui)
-        be = backdoor_energy(model, layout=layout, method=energy_method)
+        be = backdoor_energy(model, layout=layout, method=energy_method, gram_form=gram_form)
         return concentrated_backdoor_energy(be, kappa)
 
     if chunk_size is None:

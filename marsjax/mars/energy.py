@@ -125,6 +125,23 @@ batched ``eigvalsh``, while the channel-major transpose and Gram products took a
 same program (14 ms for the products alone on a pre-transposed operand). ``benchmarks/bench_mars.py``
 measures both methods side by side.
 
+Two ways to form the Gram matrices (``gram_form``; same values up to float32 rounding, both
+tested against float64 numpy). ``"channel_major"``: the transpose to ``[C_out, kh*kw, C_in]``
+above and one batched ``einsum`` (``Precision.HIGHEST``), the default on GPUs and TPUs, where
+it was measured. ``"pairs"``, the default on CPU: no transpose; in the flax layout
+``m = [d, n, C_out]`` (``d`` the small side), each of the ``d (d + 1) / 2`` distinct entries is
+its own reduction ``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that
+XLA:CPU vectorises (used up to ``d = PAIRS_MAX_SIDE`` = 9, i.e. 45 reductions; larger Grams,
+e.g. a 5x5 kernel on 20 input channels, use ``"channel_major"``). Not used: the same Gram as
+one broadcast product ``sum(m[:, None] * m[None, :], axis=2)``, slightly faster still, which
+jaxlib 0.10.2 compiles into an XNNPACK ("ynn") fusion that returns wrong values (relative
+errors from 1 to 1e8) under ``vmap`` with a client axis of size 1 (seen for ``[3, 3, 64, 32]``,
+``[7, 7, 3, 64]``, ``[5, 5, 20, 50]`` and ``[3, 3, 512, 512]`` kernels; 2 and 3 clients were
+right), so which programs it breaks cannot be told in advance; the pairs form was exact in the
+same cases (``tests/defenses/test_energy.py::test_gram_forms_match_numpy_under_vmap``). Measured
+side by side with the other formulations tried (tiled matrix products, a ``C_in``-major layout,
+elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``.
+
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
 about ``1e-15`` lose accuracy. ``rescale=True`` divides each channel by its largest entry first
@@ -157,11 +174,14 @@ from marsjax.types import Variables
 __all__ = [
     "BN_EPSILON",
     "ENERGY_METHODS",
+    "GRAM_FORMS",
     "NUM_SQUARINGS",
+    "PAIRS_MAX_SIDE",
     "AmbiguousLayoutError",
     "EnergyLayer",
     "EnergyLayout",
     "EnergyMethod",
+    "GramForm",
     "backdoor_energy",
     "cbe_counts",
     "cbe_size",
@@ -177,6 +197,9 @@ Path = tuple[str, ...]
 LayerSelection = Literal["conv_bn", "all"]
 EnergyMethod = Literal["eigvalsh", "squaring"]
 ENERGY_METHODS = ("eigvalsh", "squaring")
+GramForm = Literal["pairs", "channel_major"]
+GRAM_FORMS = ("pairs", "channel_major")
+PAIRS_MAX_SIDE = 9
 NUM_SQUARINGS = 18
 
 
@@ -718,20 +741,57 @@ def _matrix_norms(
 
 
 def _conv_norms(
-    kernels: Sequence[jax.Array], rescale: bool, method: str, num_squarings: int
+    kernels: Sequence[jax.Array],
+    rescale: bool,
+    method: str,
+    num_squarings: int,
+    gram_form: GramForm | None = None,
 ) -> list[jax.Array]:
-    """sigma_max of every output channel of each flax conv kernel: the channel-major matrices
-    (:func:`_channel_matrices`), their Gram products, then ``method``.
+    """sigma_max of every output channel of each flax conv kernel: the Gram matrices
+    (:func:`_conv_grams`), then ``method``."""
+    grams, factors = _conv_grams(kernels, rescale, gram_form)
+    return _sigmas(_max_eig(grams, method, num_squarings), factors)
 
-    Not used, on purpose: Grams straight from the flax layout as an elementwise product summed
-    over ``C_in`` (``jnp.sum(m[:, None] * m[None, :], axis=2)`` with ``m`` ``[kh*kw, C_in,
-    C_out]``, no kernel transpose) ran about 1.5x faster on XLA:CPU, but jaxlib 0.10.2 compiles
-    it into an XNNPACK ("ynn") fusion that returns wrong values (errors of 100 %) when ``vmap``
-    gives it a client axis of size 1 (seen for ``[3, 3, 64, 32]``, ``[7, 7, 3, 64]`` and
-    ``[3, 3, 512, 512]`` kernels, not for ``[3, 3, 16, 2]`` or ``[3, 3, 64, 1]``; 2, 3 and 5
-    clients were right), so which programs it breaks cannot be told in advance.
-    """
-    return _matrix_norms([_channel_matrices(k) for k in kernels], rescale, method, num_squarings)
+
+def _resolve_gram_form(gram_form: GramForm | None, side: int) -> GramForm:
+    """``gram_form`` for a Gram of size ``side``: the default is ``"pairs"`` on CPU and
+    ``"channel_major"`` elsewhere; ``"pairs"`` only up to ``PAIRS_MAX_SIDE`` (45 reductions)."""
+    if gram_form is None:
+        gram_form = "pairs" if jax.default_backend() == "cpu" else "channel_major"
+    if gram_form not in GRAM_FORMS:
+        raise ValueError(f"gram_form must be one of {GRAM_FORMS}, got {gram_form!r}")
+    return gram_form if side <= PAIRS_MAX_SIDE else "channel_major"
+
+
+def _conv_grams(
+    kernels: Sequence[jax.Array], rescale: bool, gram_form: GramForm | None
+) -> tuple[list[jax.Array], list[jax.Array | None]]:
+    """Per conv kernel, ``[C_out, d, d]`` Gram matrices on the small side ``d = min(kh*kw,
+    C_in)`` and the rescale factors (``None`` without ``rescale``); see the module docstring for
+    the two forms."""
+    grams, factors = [], []
+    for k in kernels:
+        kh, kw, cin, cout = k.shape
+        if _resolve_gram_form(gram_form, min(kh * kw, cin)) == "channel_major":
+            m, s = _scaled(_channel_matrices(k), (1, 2), rescale)
+            grams.append(_gram(m))
+        else:
+            m = k.reshape(kh * kw, cin, cout)
+            if kh * kw > cin:  # the RGB stem: the C_in side is the small one
+                m = jnp.swapaxes(m, 0, 1)
+            m, s = _scaled(m, (0, 1), rescale)
+            grams.append(_pair_gram(m))
+        factors.append(s)
+    return grams, factors
+
+
+def _pair_gram(m: jax.Array) -> jax.Array:
+    """``[d, n, C_out]`` -> ``[C_out, d, d]``: entry ``(a, b)`` is ``sum(m[a] * m[b], axis=0)``,
+    one reduction per distinct pair (never a broadcast product: see the module docstring)."""
+    d = m.shape[0]
+    entry = {(a, b): jnp.sum(m[a] * m[b], axis=0) for a in range(d) for b in range(a, d)}
+    rows = [jnp.stack([entry[min(a, b), max(a, b)] for b in range(d)], -1) for a in range(d)]
+    return jnp.stack(rows, -2)
 
 
 def _channel_matrices(kernel: jax.Array) -> jax.Array:
@@ -750,6 +810,7 @@ def channel_spectral_norms(
     rescale: bool = False,
     method: EnergyMethod = "eigvalsh",
     num_squarings: int = NUM_SQUARINGS,
+    gram_form: GramForm | None = None,
 ) -> jax.Array:
     """sigma_max of every output channel of a conv kernel.
 
@@ -764,12 +825,15 @@ def channel_spectral_norms(
         products; see the module docstring).
       num_squarings: ``method="squaring"`` only: squarings per Gram (worst-case relative error
         about ``1.04 / 2**num_squarings``).
+      gram_form: how the Gram matrices are formed, ``"pairs"`` or ``"channel_major"`` (same
+        values up to float32 rounding; see the module docstring). Default: ``"pairs"`` on CPU,
+        ``"channel_major"`` on other backends.
 
     Returns:
       ``[C_out]`` float32, the largest singular value of each channel's ``C_in x kh*kw`` matrix.
     """
     _check_method(method)
-    (be,) = _conv_norms([kernel], rescale, method, num_squarings)
+    (be,) = _conv_norms([kernel], rescale, method, num_squarings, gram_form)
     return be
 
 
@@ -781,6 +845,7 @@ def backdoor_energy(
     bn_epsilon: float = BN_EPSILON,
     rescale: bool = False,
     method: EnergyMethod = "eigvalsh",
+    gram_form: GramForm | None = None,
 ) -> list[jax.Array]:
     """Backdoor energy of every scored layer of one model (mars_spec §1.2).
 
@@ -800,6 +865,7 @@ def backdoor_energy(
         ``1e15`` give inf, below about ``1e-15`` lose accuracy).
       method: how each Gram matrix's top eigenvalue is found: ``"eigvalsh"`` (LAPACK, the
         reference) or ``"squaring"`` (plain matrix products; :func:`channel_spectral_norms`).
+      gram_form: how the conv Gram matrices are formed (:func:`channel_spectral_norms`).
 
     Returns:
       One float32 array per layer: ``[C_out]`` for a conv, ``[1]`` for a dense layer.
@@ -827,13 +893,14 @@ def backdoor_energy(
                 m = m * gain[None, :]
             dense_mats.append(m)
 
-    if method == "eigvalsh":  # one eigvalsh per Gram size over conv and dense layers together
-        mats = [_channel_matrices(k) for k in conv_kernels] + [m[None] for m in dense_mats]
-        sigmas = _matrix_norms(mats, rescale, method) if mats else []
-        conv_sigma, dense_sigma = sigmas[: len(conv_kernels)], sigmas[len(conv_kernels) :]
-    else:
-        conv_sigma = _conv_norms(conv_kernels, rescale, method, NUM_SQUARINGS)
-        dense_sigma = _matrix_norms([m[None] for m in dense_mats], rescale, method)
+    # One eigenvalue step over the conv and dense layers together (one eigvalsh per Gram size).
+    grams, factors = _conv_grams(conv_kernels, rescale, gram_form)
+    for m in dense_mats:
+        m, s = _scaled(m[None], (1, 2), rescale)
+        grams.append(_gram(m))
+        factors.append(s)
+    sigmas = _sigmas(_max_eig(grams, method, NUM_SQUARINGS), factors) if grams else []
+    conv_sigma, dense_sigma = sigmas[: len(conv_kernels)], sigmas[len(conv_kernels) :]
 
     out: list[jax.Array] = []
     ci = di = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -88,7 +89,8 @@ def test_be_matches_numpy_svd(kh, kw, c_in, c_out):
     assert_rel(be, ref_conv_be(kernel, gamma, var32))
 
 
-def test_be_ill_conditioned_and_extreme_scales():
+@pytest.mark.parametrize("gram_form", ["pairs", "channel_major"])
+def test_be_ill_conditioned_and_extreme_scales(gram_form):
     rng = np.random.default_rng(1)
     c_in, c_out = 128, 8
     k = np.empty((3, 3, c_in, c_out))
@@ -104,13 +106,42 @@ def test_be_ill_conditioned_and_extreme_scales():
     k[..., 7] = 1e30 * rng.standard_normal((3, 3, c_in))  # squares overflow float32
     kernel = jnp.asarray(k.astype(np.float32))
     want = ref_conv_be(np.asarray(kernel))
-    fast = np.asarray(jax.jit(channel_spectral_norms)(kernel))
+    fast = np.asarray(jax.jit(partial(channel_spectral_norms, gram_form=gram_form))(kernel))
     assert fast[5] == 0.0
     assert_rel(fast[:5], want[:5])
     assert not np.isfinite(fast[7])  # beyond the fast range: NaN, never a wrong finite value
-    robust = np.asarray(jax.jit(lambda x: channel_spectral_norms(x, rescale=True))(kernel))
+    robust = np.asarray(
+        jax.jit(lambda x: channel_spectral_norms(x, rescale=True, gram_form=gram_form))(kernel)
+    )
     assert robust[5] == 0.0
     assert_rel(robust[[0, 1, 2, 3, 4, 6, 7]], want[[0, 1, 2, 3, 4, 6, 7]])
+
+
+@pytest.mark.parametrize("clients", [1, 3])
+@pytest.mark.parametrize("gram_form", ["pairs", "channel_major"])
+def test_gram_forms_match_numpy_under_vmap(gram_form, clients):
+    # A client axis of 1 is where jaxlib 0.10.2 miscompiled the broadcast form of the flax-layout
+    # Gram (errors of 100 % and more on these shapes); the pairs form must be exact there too.
+    # [5, 5, 20, 50] has a 20 x 20 Gram: "pairs" falls back to the channel-major form.
+    rng = np.random.default_rng(clients)
+    shapes = [(3, 3, 64, 32), (7, 7, 3, 64), (5, 5, 20, 50), (1, 1, 16, 8), (3, 3, 256, 64)]
+    kernels = [rng.standard_normal((clients, *s)).astype(np.float32) for s in shapes]
+    for method in ("eigvalsh", "squaring"):
+        got = jax.jit(
+            jax.vmap(
+                lambda *ks, m=method: [
+                    channel_spectral_norms(k, method=m, gram_form=gram_form) for k in ks
+                ]
+            )
+        )(*[jnp.asarray(k) for k in kernels])
+        for k, g in zip(kernels, got):
+            want = np.stack([ref_conv_be(k[i]) for i in range(clients)])
+            assert_rel(g, want, 2e-6 if method == "squaring" else RTOL)
+
+
+def test_gram_form_is_checked():
+    with pytest.raises(ValueError, match="gram_form"):
+        channel_spectral_norms(jnp.ones((3, 3, 2, 2)), gram_form="bcast")
 
 
 def test_be_is_vmappable_and_jittable():
