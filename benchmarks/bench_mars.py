@@ -61,7 +61,11 @@ records; ``methods.<name>`` holds per method: ``s_per_round``, ``cbe_s_per_clien
 set), ``same_flagged_as_eigvalsh``, ``speedup_vs_eigvalsh`` and ``be_max_rel_err_svd64``: the
 largest relative error of the BE of all 4,800 conv channels (BatchNorm gain included) of the
 first ``--svd-clients`` client models against float64 ``np.linalg.svd``. ``resident.<name>``
-times the whole ``mars(energy_method=name).apply``.
+times the whole ``mars(energy_method=name).apply``. A method written ``METHOD:FORM`` (e.g.
+``squaring:channel_major``) also fixes the Gram form (``gram_form`` of
+``marsjax/mars/energy.py``; without it the backend's default) and has no ``resident`` entry.
+The record of 2026-12-01 (commit d1d25f1) ran
+``--clients 100 --no-fedavg --energy-methods eigvalsh,squaring,eigvalsh:channel_major,squaring:channel_major``.
 
 FedAvg's mean (``fedavg_mean``, where the updates fit in memory: ``--resident-max``): the stacked
 updates' mean by ``marsjax.tree.weighted_mean`` (FedAvg's aggregation), ``jnp.mean``, the

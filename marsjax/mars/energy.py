@@ -140,7 +140,10 @@ errors from 1 to 1e8) under ``vmap`` with a client axis of size 1 (seen for ``[3
 right), so which programs it breaks cannot be told in advance; the pairs form was exact in the
 same cases (``tests/defenses/test_energy.py::test_gram_forms_match_numpy_under_vmap``). Measured
 side by side with the other formulations tried (tiled matrix products, a ``C_in``-major layout,
-elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``.
+elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``
+(ResNet-18's 4,800 conv channels, 10 clients under ``vmap``, quiet 2-core CPU, 2026-12-01, per
+client): the Gram step 23.6 ms as pairs against 48.7 ms channel-major; the whole BE step with
+``eigvalsh`` 44.2 against 73.5 ms, with squaring 30.3 against 55.2 ms.
 
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
