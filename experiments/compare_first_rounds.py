@@ -39,29 +39,25 @@ def _load(run: pathlib.Path):
     return from_dict({k: v for k, v in d.items() if k not in PROVENANCE_KEYS}), d.get("commit")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_a", type=pathlib.Path)
-    p.add_argument("run_b", type=pathlib.Path)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--out", type=pathlib.Path, default=None)
-    args = p.parse_args()
-    sims, states, commits = [], [], []
-    for run in (args.run_a, args.run_b):
+def compare(run_a: pathlib.Path, run_b: pathlib.Path, rounds: int) -> dict:
+    """The record described in the module docstring (without provenance)."""
+    sims, states, commits = {}, [], []
+    for run in (run_a, run_b):
         cfg, commit = _load(run)
-        sim = simulation.build(cfg, load_dataset(cfg.data.name, cfg.data.data_dir))
-        sims.append(sim)
-        states.append(sim.init_state())
+        if run not in sims:  # a run compared with itself is built once
+            sims[run] = simulation.build(cfg, load_dataset(cfg.data.name, cfg.data.data_dir))
+        states.append(sims[run].init_state())
         commits.append(commit)
-    rounds = []
-    for r in range(args.rounds):
+    pair = (sims[run_a], sims[run_b])
+    out = []
+    for r in range(rounds):
         metrics = []
-        for i, sim in enumerate(sims):
+        for i, sim in enumerate(pair):
             states[i], m = sim.round_step(states[i], sim.data)
             metrics.append(m)
         la, lb = (jax.tree.leaves(jax.tree.map(np.asarray, s.global_variables)) for s in states)
         diff = [float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(la, lb)]
-        rounds.append(
+        out.append(
             {
                 "round": r,
                 "same_accepted": bool(
@@ -74,13 +70,18 @@ def main() -> None:
                 "max_abs_value_per_leaf": [float(np.max(np.abs(a))) for a in la],
             }
         )
-        print(json.dumps(rounds[-1]), flush=True)
-    rec = {
-        "runs": [str(args.run_a), str(args.run_b)],
-        "runs_commits": commits,
-        "rounds": rounds,
-        **provenance(),
-    }
+        print(json.dumps(out[-1]), flush=True)
+    return {"runs": [str(run_a), str(run_b)], "runs_commits": commits, "rounds": out}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_a", type=pathlib.Path)
+    p.add_argument("run_b", type=pathlib.Path)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+    rec = {**compare(args.run_a, args.run_b, args.rounds), **provenance()}
     if args.out:
         args.out.write_text(json.dumps(rec, indent=1) + "\n")
 
