@@ -14,9 +14,22 @@ pruned local models are then averaged (FedAvg), so a pruned channel's update bec
 
 Conv/BN pairs are found by name: a BatchNorm module ``.../bnX`` (or ``..._bn``) pairs with the
 sibling convolution ``.../convX`` (``..._conv``), the layout of marsjax's SimpleNet and ResNet-18.
-Extension for networks without BatchNorm (the paper's MNIST SimpleNet): a convolution with no BN
-partner uses the unscaled kernel norm and is pruned by zeroing its output channel (kernel slice
-and bias). Dense layers are never pruned (CLP only scores convolutions), so an MLP is plain FedAvg.
+Convolutions without a BatchNorm (the paper's MNIST SimpleNet has no BatchNorm at all), option
+``lone_convs``:
+
+* ``"prune"`` (the default, a marsjax extension): such a convolution is scored by its unscaled
+  kernel norm and pruned by zeroing its output channel (kernel slice and bias).
+* ``"skip"``: such convolutions are never scored or pruned. This is CLP's own rule (its loop
+  scores a convolution when the BatchNorm after it is reached, so a convolution without one is
+  passed over), and the rule the MARS code's ``CBE()``, a copy of CLP's function, follows too
+  (mars_spec §1.2). On a network without BatchNorm FedCLP is then exactly FedAvg. The MARS
+  repository ships its FedCLP only compiled; that it skips such convolutions is inferred from its
+  CLP origin, not read.
+
+Measured on the official MNIST federation (SimpleNet without BatchNorm, ``experiments/README.md``):
+with ``"prune"`` FedCLP's global model diverges after about 15 rounds with or without an attack
+(each client prunes 0-3 of the 70 conv channels per round); the mechanism was not isolated.
+Dense layers are never pruned (CLP only scores convolutions), so an MLP is plain FedAvg.
 
 **The MARS code's FedCLP is not reproduced on purpose.** Its compiled baseline
 (``defenses/__pycache__/fedclp.cpython-38.pyc`` in the official MARS repository, read by
@@ -127,8 +140,14 @@ def _outlier_mask(lips: jax.Array, u: float) -> jax.Array:
     return lips > mean + u * std
 
 
-def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
+LONE_CONVS = ("prune", "skip")
+
+
+def clp_masks(variables, u: float = 3.0, eps: float = 1e-5, lone_convs: str = "prune"):
     """CLP's pruning decision for one model.
+
+    ``lone_convs``: ``"prune"`` scores the convolutions without a BatchNorm by their kernel norm,
+    ``"skip"`` leaves them out (no entry in ``conv_masks``), as CLP does.
 
     Returns:
       ``(bn_masks, conv_masks)``: dicts ``path -> bool[C]`` (True = prune) for the paired BN
@@ -137,6 +156,10 @@ def clp_masks(variables, u: float = 3.0, eps: float = 1e-5):
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     pairs, lone = conv_bn_pairs(params)
+    if lone_convs not in LONE_CONVS:
+        raise ValueError(f"lone_convs must be one of {LONE_CONVS}, got {lone_convs!r}")
+    if lone_convs == "skip":
+        lone = []
     paths = [c for c, _ in pairs] + list(lone)
     if not paths:
         return {}, {}
@@ -162,7 +185,7 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def fedclp(u: float = 3.0) -> Defense:
+def fedclp(u: float = 3.0, lone_convs: str = "prune") -> Defense:
     """FedCLP: CLP (threshold ``mean + u * std`` per layer) on every local model, then FedAvg.
 
     The pruning decisions are computed one client at a time (``lax.map``: one local model in
@@ -171,7 +194,11 @@ def fedclp(u: float = 3.0) -> Defense:
 
     Args:
       u: CLP's threshold in standard deviations (the MARS baselines: 3).
+      lone_convs: convolutions without a BatchNorm: ``"prune"`` (default, the marsjax extension)
+        or ``"skip"`` (CLP's rule; see the module docstring).
     """
+    if lone_convs not in LONE_CONVS:
+        raise ValueError(f"lone_convs must be one of {LONE_CONVS}, got {lone_convs!r}")
 
     def apply(key, updates, state, *, global_variables, client_weights, client_ids=None):
         del key, client_ids
@@ -179,7 +206,7 @@ def fedclp(u: float = 3.0) -> Defense:
 
         def masks_of(delta):
             local = jax.tree.map(lambda g, d: g + d, global_variables, delta)
-            return clp_masks(local, u)
+            return clp_masks(local, u, lone_convs=lone_convs)
 
         bn_masks, conv_masks = jax.lax.map(masks_of, clean)  # dicts path -> bool [N, C]
         update = masked_weighted_mean(clean, w)
@@ -208,5 +235,5 @@ def fedclp(u: float = 3.0) -> Defense:
     return Defense(lambda v: EmptyState(), apply)
 
 
-def _build(ctx: DefenseContext, u: float = 3.0) -> Defense:
-    return fedclp(u)
+def _build(ctx: DefenseContext, u: float = 3.0, lone_convs: str = "prune") -> Defense:
+    return fedclp(u, lone_convs)

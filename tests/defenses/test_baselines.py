@@ -559,6 +559,44 @@ def test_fedclp_prunes_the_outlier_channel_of_each_local_model():
     np.testing.assert_allclose(np.asarray(res.scores), [1 / 32, 1 / 32, 0.0], atol=1e-7)
     assert np.all(np.asarray(res.accepted) == 1)
 
+    # lone_convs="skip" (CLP's rule): the lone conv2 is neither scored nor pruned, so client 1's
+    # exploding channel goes into the mean; the paired conv1/bn1 is pruned as before.
+    bn_s, conv_s = _fedclp.clp_masks(jax.tree.map(lambda a, d: a + d[1], g, ups), lone_convs="skip")
+    assert conv_s == {} and not np.any(np.asarray(bn_s[("bn1",)]))
+    skip, _ = _run(_fedclp.fedclp(3.0, lone_convs="skip"), ups, global_variables=g)
+    np.testing.assert_allclose(
+        np.asarray(skip.update["params"]["conv2"]["kernel"]),
+        np.asarray(ups["params"]["conv2"]["kernel"]).mean(0),
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        np.asarray(skip.update["params"]["bn1"]["scale"]), exp_scale.mean(0), atol=1e-7
+    )
+    np.testing.assert_allclose(np.asarray(skip.scores), [1 / 16, 0.0, 0.0], atol=1e-7)
+    with pytest.raises(ValueError, match="lone_convs"):
+        _fedclp.fedclp(3.0, lone_convs="zero")
+
+
+def test_fedclp_skip_on_a_network_without_batchnorm_is_fedavg():
+    rng = np.random.default_rng(16)
+    g = {
+        "params": {
+            "conv1": {"kernel": jnp.asarray(rng.normal(size=(5, 5, 1, 8)), jnp.float32)},
+            "conv2": {"kernel": jnp.asarray(rng.normal(size=(5, 5, 8, 12)), jnp.float32)},
+            "fc": {"kernel": jnp.zeros((12, 10)), "bias": jnp.zeros(10)},
+        }
+    }
+    ups = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=(4, *a.shape)), jnp.float32), g)
+    ups["params"]["conv2"]["kernel"] = ups["params"]["conv2"]["kernel"].at[2, ..., 3].set(50.0)
+    w = jnp.asarray([1.0, 2.0, 1.0, 3.0])
+    res, _ = _run(_fedclp.fedclp(3.0, lone_convs="skip"), ups, w, global_variables=g)
+    for got, u in zip(jax.tree.leaves(res.update), jax.tree.leaves(ups)):
+        want = np.tensordot(np.asarray(w), np.asarray(u, np.float64), axes=1) / float(w.sum())
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(res.scores) == 0)
+    pruned, _ = _run(_fedclp.fedclp(3.0), ups, w, global_variables=g)
+    assert np.asarray(pruned.scores)[2] > 0  # the default extension prunes client 2's channel
+
 
 # ------------------------------------------------------------------------------------------------
 # FLTrust
