@@ -93,8 +93,10 @@ BatchNorm after a dense layer, batch 64). marsjax keeps flax's convention and do
 How sigma_max is computed. The per-channel matrices are thin (``C_in x 9`` for 3x3 kernels), so we
 form each channel's Gram matrix on the small side (``9 x 9``; ``3 x 3`` for an RGB stem; ``1 x 1``,
 i.e. a squared vector norm, for 1x1 kernels) and take ``sqrt`` of its largest eigenvalue, from ONE
-batched ``jnp.linalg.eigvalsh`` per distinct Gram size. The flax ``[kh, kw, C_in, C_out]`` kernel is
-brought to ``[C_out, kh*kw, C_in]`` by one 2-D transpose (XLA:CPU runs it about 3x faster than the
+batched ``jnp.linalg.eigvalsh`` per distinct Gram size. (Below, the Gram matrices of the
+``"channel_major"`` form; the CPU default ``"pairs"`` is described after the squaring method.)
+The flax ``[kh, kw, C_in, C_out]`` kernel is brought to ``[C_out, kh*kw, C_in]`` by one 2-D
+transpose (XLA:CPU runs it about 3x faster than the
 equivalent 3-D permutation, and a Gram product contracting a non-minor axis ran 6x slower still).
 Measured on the 4,800 conv channels of ResNet-18 (``benchmarks/bench_mars.py``, case
 ``sigma_max_method``, 2-core AMD EPYC VM shared with other jobs, jax 0.10.2, 2026-11-26; process
