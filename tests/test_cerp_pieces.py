@@ -1,22 +1,9 @@
 """experiments/cerp_pieces.py counts rejected CerP uploads per trigger piece (client id mod 4)."""
 
-import importlib.util
 import json
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "cerp_pieces", ROOT / "experiments/cerp_pieces.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_per_piece_counts_hand_worked(tmp_path, capsys):
+def test_per_piece_counts_hand_worked(tmp_path, capsys, experiment_script):
     rounds = [
         # ids 4 and 9 attack (pieces 0 and 1): 4 rejected, 9 accepted; 2 is benign and rejected
         {"client_ids": [4, 9, 2], "is_attacking": [True, True, False], "accepted": [0.0, 1.0, 0.0]},
@@ -32,7 +19,7 @@ def test_per_piece_counts_hand_worked(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     (run / "summary.json").write_text(json.dumps({"tpr": 75.0}))
-    mod = _module()
+    mod = experiment_script("cerp_pieces")
     assert mod.per_piece(run / "metrics.jsonl") == [(1, 1), (0, 1), (0, 0), (2, 2)]
     assert mod.main([str(run)]) == 0
     row = capsys.readouterr().out.splitlines()[-1]

@@ -5,7 +5,6 @@ would only re-test the simulator, which its own tests cover), so every reported 
 against hand-made global models.
 """
 
-import importlib.util
 import json
 import pathlib
 from types import SimpleNamespace
@@ -13,17 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 
 from marsjax.config import get_preset, to_dict
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "compare_first_rounds", ROOT / "experiments/compare_first_rounds.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run_folder(path: pathlib.Path, defense: str, commit: str) -> pathlib.Path:
@@ -53,8 +41,8 @@ class _Sim:
         return SimpleNamespace(global_variables=g, round=r + 1), m
 
 
-def test_differences_ties_and_equal_rounds_are_reported(tmp_path, monkeypatch):
-    mod = _module()
+def test_differences_ties_and_equal_rounds_are_reported(tmp_path, monkeypatch, experiment_script):
+    mod = experiment_script("compare_first_rounds")
     a = _run_folder(tmp_path / "a", "fedavg", "c1")
     b = _run_folder(tmp_path / "b", "fldetector", "c2")
     one = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
