@@ -62,7 +62,9 @@ stage 70 "$PY" -m benchmarks.round_throughput --repeats 2 \
 # code's structure) on the host CPU, 1 thread, its per-channel loop timed on 5 clients. With
 # --torch-device cuda its per-channel torch.svd loop (4,800 small SVDs per client on the GPU) did
 # not finish 100 clients in 80 s, and 1,000 clients did not finish in 170 s (host-side generation
-# of the client models plus the reference), so neither is in the committed results.
+# of the client models plus the reference), so neither is in the committed results. Both Gram
+# forms side by side (the GPU default is channel_major; pairs is the CPU default).
 stage 170 "$PY" -m benchmarks.bench_mars --backend gpu --torch-device cpu --torch-threads 1 \
   --chunk 100 --clients 100 --ref-be-clients 5 --ref-pairs 5000 --resident-max 0 \
+  --energy-methods eigvalsh,squaring,eigvalsh:pairs,squaring:pairs \
   --out "$OUT/mars_cost_gpu.jsonl"
