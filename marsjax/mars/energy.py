@@ -129,8 +129,9 @@ measures both methods side by side.
 
 Two ways to form the Gram matrices (``gram_form``; same values up to float32 rounding, both
 tested against float64 numpy). ``"channel_major"``: the transpose to ``[C_out, kh*kw, C_in]``
-above and one batched ``einsum`` (``Precision.HIGHEST``), the default on GPUs and TPUs, where
-it was measured. ``"pairs"``, the default on CPU: no transpose; in the flax layout
+above and one batched ``einsum`` (``Precision.HIGHEST``), the default on every backend but the
+CPU (the GPU numbers of ``benchmarks/results/mars_cost_gpu.jsonl`` were made with it; nothing was
+measured on a TPU). ``"pairs"``, the default on CPU: no transpose; in the flax layout
 ``m = [d, n, C_out]`` (``d`` the small side), each of the ``d (d + 1) / 2`` distinct entries is
 its own reduction ``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that
 XLA:CPU vectorises (used up to ``d = PAIRS_MAX_SIDE`` = 9, i.e. 45 reductions; larger Grams,
