@@ -526,9 +526,6 @@ def be_vs_float64_svd(fed: Federation, g_dev, upd: dict, k: int, methods) -> dic
     return out
 
 
-_KW = ("energy_method", "gram_form")
-
-
 def _method_form(spec: str) -> tuple[str, str | None]:
     """``"squaring:pairs"`` -> ``("squaring", "pairs")``; no ``:form``: the backend default."""
     method, _, form = spec.partition(":")
@@ -818,10 +815,14 @@ def main() -> None:
     fed = Federation()
     g_dev = jax.device_put(fed.global_tree())
     methods = [m.strip() for m in args.energy_methods.split(",") if m.strip()]
-    cbe_fns = {
-        m: jax.jit(lambda u, g, m=m: mars_cbe(u, g, fed.layout, **dict(zip(_KW, _method_form(m)))))
-        for m in methods
-    }
+
+    def cbe_fn(spec: str):
+        method, form = _method_form(spec)
+        return jax.jit(
+            lambda u, g: mars_cbe(u, g, fed.layout, energy_method=method, gram_form=form)
+        )
+
+    cbe_fns = {m: cbe_fn(m) for m in methods}
     select_fn = jax.jit(lambda c, v: mars_select(jax.random.key(0), c, v, 0.03))
     ref = (
         None

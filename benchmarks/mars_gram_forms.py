@@ -70,10 +70,8 @@ def gram_flax_bcast(k: jax.Array) -> jax.Array:
 
 
 def gram_flax_pairs(k: jax.Array) -> jax.Array:
-    m = _small_side(k)
-    d = m.shape[0]
-    ent = {(a, b): jnp.sum(m[a] * m[b], axis=0) for a in range(d) for b in range(a, d)}
-    return jnp.stack([jnp.stack([ent[min(a, b), max(a, b)] for b in range(d)]) for a in range(d)])
+    """The shipped ``"pairs"`` form (``[C_out, d, d]``)."""
+    return E._pair_gram(_small_side(k))
 
 
 def gram_tiled(k: jax.Array, tile: int) -> jax.Array:
