@@ -11,11 +11,13 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
 
 * ``<form>_<method>``: ``energy._conv_norms`` with ``gram_form`` ``channel_major`` (the 2-D
   transpose to ``[C_out, 9, C_in]`` + a batched ``einsum``: MARS's only form before this
-  benchmark) or ``pairs`` (the CPU default since), and ``method`` ``eigvalsh`` or ``squaring``.
+  benchmark), ``pairs`` or ``reduce`` (each the CPU default in turn), and ``method`` ``eigvalsh`` or ``squaring``.
 * ``gram_*``: the Gram step alone (outputs flattened): ``channel_major``; ``flax_bcast``
   (``sum(m[:, None] * m[None], C_in)`` in the flax layout, no transpose; jaxlib 0.10.2
   miscompiles it under ``vmap`` with one client, see ``marsjax/mars/energy.py``);
   ``flax_pairs`` (the 45 distinct pairs as separate reductions: the ``pairs`` form);
+  ``flax_reduce`` (the same 45 products as one variadic ``lax.reduce``, one pass over the kernel:
+  the ``reduce`` form);
   ``tiled_gemm<T>`` (channels in tiles of ``T``: one ``9T x 9T`` product per tile, the diagonal
   blocks kept; ``T`` times the arithmetic, as plain matrix products); ``cin_major`` (kernel moved
   to ``[C_in, C_out, 9]``, outer products summed over ``C_in``).
@@ -72,6 +74,11 @@ def gram_flax_bcast(k: jax.Array) -> jax.Array:
 def gram_flax_pairs(k: jax.Array) -> jax.Array:
     """The shipped ``"pairs"`` form (``[C_out, d, d]``)."""
     return E._pair_gram(_small_side(k))
+
+
+def gram_flax_reduce(k: jax.Array) -> jax.Array:
+    """The shipped ``"reduce"`` form: the same pairs as one variadic reduction."""
+    return E._reduce_gram(_small_side(k))
 
 
 def gram_tiled(k: jax.Array, tile: int) -> jax.Array:
@@ -134,12 +141,15 @@ def cases() -> dict:
         "channel_major_squaring": energy("squaring", "channel_major"),
         "pairs_eigvalsh": energy("eigvalsh", "pairs"),
         "pairs_squaring": energy("squaring", "pairs"),
+        "reduce_eigvalsh": energy("eigvalsh", "reduce"),
+        "reduce_squaring": energy("squaring", "reduce"),
         "soa_squaring": _full(
             lambda k: jnp.sqrt(jnp.maximum(lambda_max_soa(gram_flax_bcast(k)), 0))
         ),
         "gram_channel_major": _gram_only(gram_channel_major),
         "gram_flax_bcast": _gram_only(gram_flax_bcast),
         "gram_flax_pairs": _gram_only(gram_flax_pairs),
+        "gram_flax_reduce": _gram_only(gram_flax_reduce),
         "gram_tiled_gemm4": _gram_only(lambda k: gram_tiled(k, 4)),
         "gram_tiled_gemm8": _gram_only(lambda k: gram_tiled(k, 8)),
         "gram_cin_major": _gram_only(gram_cin_major),

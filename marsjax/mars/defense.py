@@ -186,7 +186,7 @@ def mars_cbe(
       chunk_size: ``None``: all clients at once (``vmap``); else ``lax.map`` over chunks of this
         many clients (bounds memory for large N).
       energy_method: ``"eigvalsh"`` or ``"squaring"`` (:func:`~marsjax.mars.energy.backdoor_energy`).
-      gram_form: ``"pairs"`` or ``"channel_major"`` (default: by backend;
+      gram_form: ``"reduce"``, ``"pairs"`` or ``"channel_major"`` (default: by backend;
         :func:`~marsjax.mars.energy.channel_spectral_norms`).
 
     Returns:

@@ -94,7 +94,8 @@ How sigma_max is computed. The per-channel matrices are thin (``C_in x 9`` for 3
 form each channel's Gram matrix on the small side (``9 x 9``; ``3 x 3`` for an RGB stem; ``1 x 1``,
 i.e. a squared vector norm, for 1x1 kernels) and take ``sqrt`` of its largest eigenvalue, from ONE
 batched ``jnp.linalg.eigvalsh`` per distinct Gram size. (Below, the Gram matrices of the
-``"channel_major"`` form; the CPU default ``"pairs"`` is described after the squaring method.)
+``"channel_major"`` form; the flax-layout forms, ``"reduce"`` the CPU default, are described
+after the squaring method.)
 The flax ``[kh, kw, C_in, C_out]`` kernel is brought to ``[C_out, kh*kw, C_in]`` by one 2-D
 transpose (XLA:CPU runs it about 3x faster than the
 equivalent 3-D permutation, and a Gram product contracting a non-minor axis ran 6x slower still).
@@ -127,21 +128,25 @@ batched ``eigvalsh``, while the channel-major transpose and Gram products took a
 same program (14 ms for the products alone on a pre-transposed operand). ``benchmarks/bench_mars.py``
 measures both methods side by side.
 
-Two ways to form the Gram matrices (``gram_form``; same values up to float32 rounding, both
+Three ways to form the Gram matrices (``gram_form``; same values up to float32 rounding, all
 tested against float64 numpy). ``"channel_major"``: the transpose to ``[C_out, kh*kw, C_in]``
 above and one batched ``einsum`` (``Precision.HIGHEST``), the default on every backend but the
 CPU (the GPU numbers of ``benchmarks/results/mars_cost_gpu.jsonl`` were made with it; nothing was
-measured on a TPU). ``"pairs"``, the default on CPU: no transpose; in the flax layout
-``m = [d, n, C_out]`` (``d`` the small side), each of the ``d (d + 1) / 2`` distinct entries is
-its own reduction ``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that
-XLA:CPU vectorises (used up to ``d = PAIRS_MAX_SIDE`` = 9, i.e. 45 reductions; larger Grams,
-e.g. a 5x5 kernel on 20 input channels, use ``"channel_major"``). Not used: the same Gram as
-one broadcast product ``sum(m[:, None] * m[None, :], axis=2)``, slightly faster still, which
+measured on a TPU). ``"pairs"``: no transpose; in the flax layout ``m = [d, n, C_out]`` (``d``
+the small side), each of the ``d (d + 1) / 2`` distinct entries is its own reduction
+``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that XLA:CPU
+vectorises; but each of the 45 reductions reads its two rows of ``m`` again, so the kernel is
+read about 10 times. ``"reduce"``, the default on CPU: the same ``d (d + 1) / 2`` products as the
+operands of ONE variadic ``lax.reduce`` over ``n``, which XLA:CPU emits as a single loop that
+reads ``m`` once. Both flax-layout forms are used up to ``d = PAIRS_MAX_SIDE`` = 9 (45 products);
+larger Grams, e.g. a 5x5 kernel on 20 input channels, use ``"channel_major"``. Not used: the
+same Gram as one broadcast product ``sum(m[:, None] * m[None, :], axis=2)``, slightly faster still, which
 jaxlib 0.10.2 compiles into an XNNPACK ("ynn") fusion that returns wrong values (relative
 errors from 1 to 1e8) under ``vmap`` with a client axis of size 1 (seen for ``[3, 3, 64, 32]``,
 ``[7, 7, 3, 64]``, ``[5, 5, 20, 50]`` and ``[3, 3, 512, 512]`` kernels; 2 and 3 clients were
-right), so which programs it breaks cannot be told in advance; the pairs form was exact in the
-same cases (``tests/defenses/test_energy.py::test_gram_forms_match_numpy_under_vmap``). Measured
+right), so which programs it breaks cannot be told in advance; the pairs and reduce forms were
+exact in the same cases (``tests/defenses/test_energy.py::test_gram_forms_match_numpy_under_vmap``).
+Measured
 side by side with the other formulations tried (tiled matrix products, a ``C_in``-major layout,
 elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``
 (ResNet-18's 4,800 conv channels, 10 clients under ``vmap``, quiet 2-core CPU, 2026-12-01, per
@@ -203,8 +208,8 @@ Path = tuple[str, ...]
 LayerSelection = Literal["conv_bn", "all"]
 EnergyMethod = Literal["eigvalsh", "squaring"]
 ENERGY_METHODS = ("eigvalsh", "squaring")
-GramForm = Literal["pairs", "channel_major"]
-GRAM_FORMS = ("pairs", "channel_major")
+GramForm = Literal["reduce", "pairs", "channel_major"]
+GRAM_FORMS = ("reduce", "pairs", "channel_major")
 PAIRS_MAX_SIDE = 9
 NUM_SQUARINGS = 18
 
@@ -760,10 +765,11 @@ def _conv_norms(
 
 
 def _resolve_gram_form(gram_form: GramForm | None, side: int) -> GramForm:
-    """``gram_form`` for a Gram of size ``side``: the default is ``"pairs"`` on CPU and
-    ``"channel_major"`` elsewhere; ``"pairs"`` only up to ``PAIRS_MAX_SIDE`` (45 reductions)."""
+    """``gram_form`` for a Gram of size ``side``: the default is ``"reduce"`` on CPU and
+    ``"channel_major"`` elsewhere; ``"reduce"`` and ``"pairs"`` only up to ``PAIRS_MAX_SIDE``
+    (45 products), larger Grams use ``"channel_major"``."""
     if gram_form is None:
-        gram_form = "pairs" if jax.default_backend() == "cpu" else "channel_major"
+        gram_form = "reduce" if jax.default_backend() == "cpu" else "channel_major"
     if gram_form not in GRAM_FORMS:
         raise ValueError(f"gram_form must be one of {GRAM_FORMS}, got {gram_form!r}")
     return gram_form if side <= PAIRS_MAX_SIDE else "channel_major"
@@ -778,7 +784,8 @@ def _conv_grams(
     grams, factors = [], []
     for k in kernels:
         kh, kw, cin, cout = k.shape
-        if _resolve_gram_form(gram_form, min(kh * kw, cin)) == "channel_major":
+        form = _resolve_gram_form(gram_form, min(kh * kw, cin))
+        if form == "channel_major":
             m, s = _scaled(_channel_matrices(k), (1, 2), rescale)
             grams.append(_gram(m))
         else:
@@ -786,7 +793,7 @@ def _conv_grams(
             if kh * kw > cin:  # the RGB stem: the C_in side is the small one
                 m = jnp.swapaxes(m, 0, 1)
             m, s = _scaled(m, (0, 1), rescale)
-            grams.append(_pair_gram(m))
+            grams.append(_reduce_gram(m) if form == "reduce" else _pair_gram(m))
         factors.append(s)
     return grams, factors
 
@@ -795,7 +802,32 @@ def _pair_gram(m: jax.Array) -> jax.Array:
     """``[d, n, C_out]`` -> ``[C_out, d, d]``: entry ``(a, b)`` is ``sum(m[a] * m[b], axis=0)``,
     one reduction per distinct pair (never a broadcast product: see the module docstring)."""
     d = m.shape[0]
-    entry = {(a, b): jnp.sum(m[a] * m[b], axis=0) for a in range(d) for b in range(a, d)}
+    pairs = _upper_pairs(d)
+    return _symmetric(d, pairs, [jnp.sum(m[a] * m[b], axis=0) for a, b in pairs])
+
+
+def _reduce_gram(m: jax.Array) -> jax.Array:
+    """As :func:`_pair_gram`, but the ``d (d + 1) / 2`` sums are ONE variadic ``lax.reduce``:
+    XLA emits a single loop that reads ``m`` once instead of once per pair."""
+    d = m.shape[0]
+    pairs = _upper_pairs(d)
+    zero = jnp.zeros((), m.dtype)
+    sums = jax.lax.reduce(
+        tuple(m[a] * m[b] for a, b in pairs),
+        (zero,) * len(pairs),
+        lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
+        (0,),
+    )
+    return _symmetric(d, pairs, list(sums))
+
+
+def _upper_pairs(d: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(d) for b in range(a, d)]
+
+
+def _symmetric(d: int, pairs: list[tuple[int, int]], entries: list[jax.Array]) -> jax.Array:
+    """``[C_out, d, d]`` symmetric matrices from their upper-triangle entries (each ``[C_out]``)."""
+    entry = dict(zip(pairs, entries, strict=True))
     rows = [jnp.stack([entry[min(a, b), max(a, b)] for b in range(d)], -1) for a in range(d)]
     return jnp.stack(rows, -2)
 
@@ -831,8 +863,9 @@ def channel_spectral_norms(
         products; see the module docstring).
       num_squarings: ``method="squaring"`` only: squarings per Gram (worst-case relative error
         about ``1.04 / 2**num_squarings``).
-      gram_form: how the Gram matrices are formed, ``"pairs"`` or ``"channel_major"`` (same
-        values up to float32 rounding; see the module docstring). Default: ``"pairs"`` on CPU,
+      gram_form: how the Gram matrices are formed, ``"reduce"``, ``"pairs"`` or
+        ``"channel_major"`` (same values up to float32 rounding; see the module docstring).
+        Default: ``"reduce"`` on CPU,
         ``"channel_major"`` on other backends.
 
     Returns:

@@ -89,7 +89,7 @@ def test_be_matches_numpy_svd(kh, kw, c_in, c_out):
     assert_rel(be, ref_conv_be(kernel, gamma, var32))
 
 
-@pytest.mark.parametrize("gram_form", ["pairs", "channel_major"])
+@pytest.mark.parametrize("gram_form", ["reduce", "pairs", "channel_major"])
 def test_be_ill_conditioned_and_extreme_scales(gram_form):
     rng = np.random.default_rng(1)
     c_in, c_out = 128, 8
@@ -118,11 +118,12 @@ def test_be_ill_conditioned_and_extreme_scales(gram_form):
 
 
 @pytest.mark.parametrize("clients", [1, 3])
-@pytest.mark.parametrize("gram_form", ["pairs", "channel_major"])
+@pytest.mark.parametrize("gram_form", ["reduce", "pairs", "channel_major"])
 def test_gram_forms_match_numpy_under_vmap(gram_form, clients):
     # A client axis of 1 is where jaxlib 0.10.2 miscompiled the broadcast form of the flax-layout
-    # Gram (errors of 100 % and more on these shapes); the pairs form must be exact there too.
-    # [5, 5, 20, 50] has a 20 x 20 Gram: "pairs" falls back to the channel-major form.
+    # Gram (errors of 100 % and more on these shapes); the pairs and reduce forms must be exact
+    # there too.
+    # [5, 5, 20, 50] has a 20 x 20 Gram: "pairs" and "reduce" fall back to the channel-major form.
     rng = np.random.default_rng(clients)
     shapes = [(3, 3, 64, 32), (7, 7, 3, 64), (5, 5, 20, 50), (1, 1, 16, 8), (3, 3, 256, 64)]
     kernels = [rng.standard_normal((clients, *s)).astype(np.float32) for s in shapes]
