@@ -11,7 +11,7 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
 
 * ``<form>_<method>``: ``energy._conv_norms`` with ``gram_form`` ``channel_major`` (the 2-D
   transpose to ``[C_out, 9, C_in]`` + a batched ``einsum``: MARS's only form before this
-  benchmark), ``pairs`` or ``reduce`` (each the CPU default in turn), and ``method`` ``eigvalsh`` or ``squaring``.
+  benchmark), ``pairs`` (the CPU default since) or ``reduce``, and ``method`` ``eigvalsh`` or ``squaring``.
 * ``gram_*``: the Gram step alone (outputs flattened): ``channel_major``; ``flax_bcast``
   (``sum(m[:, None] * m[None], C_in)`` in the flax layout, no transpose; jaxlib 0.10.2
   miscompiles it under ``vmap`` with one client, see ``marsjax/mars/energy.py``);
@@ -25,9 +25,12 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
   the channel axis (structure of arrays) instead of as a batch of 9x9 matrix products.
 
 Every full method is checked against float64 numpy (``max_rel_err``). Each time is the best of
-``--reps`` calls, wall and process CPU, per client. Run::
+``--reps`` calls, wall and process CPU, per client. ``--chunk C`` runs every case over the
+clients in ``lax.map`` chunks of ``C`` (as ``mars(chunk_size=C)`` and ``benchmarks/bench_mars.py``
+do) instead of one ``vmap`` over all of them. Run::
 
     python -m benchmarks.mars_gram_forms --clients 10 --out benchmarks/results/mars_gram_forms_cpu.jsonl
+    python -m benchmarks.mars_gram_forms --clients 100 [--chunk 10] --only pairs_squaring,reduce_squaring,gram_flax_pairs,gram_flax_reduce --out ...
 """
 
 from __future__ import annotations
@@ -128,6 +131,17 @@ def _gram_only(gram):
     return lambda ks: jax.vmap(lambda *kk: jnp.concatenate([gram(k).reshape(-1) for k in kk]))(*ks)
 
 
+def _chunked(fn, chunk: int):
+    """``fn`` over the clients in ``lax.map`` chunks of ``chunk`` (as ``mars(chunk_size=chunk)``)."""
+
+    def f(ks):
+        n = ks[0].shape[0]
+        out = jax.lax.map(fn, [k.reshape(n // chunk, chunk, *k.shape[1:]) for k in ks])
+        return out.reshape(n, *out.shape[2:])
+
+    return f
+
+
 def cases() -> dict:
     def energy(method, form):
         return lambda ks: jax.vmap(
@@ -172,9 +186,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="run each case in lax.map chunks of this many clients (default: one vmap)",
+    )
     p.add_argument("--only", default="", help="comma-separated case names (default: all)")
     p.add_argument("--out", default=None, help="jsonl to append to (default: print only)")
     args = p.parse_args()
+    if args.chunk is not None and args.clients % args.chunk:
+        p.error("--clients must be a multiple of --chunk")
     rng = np.random.default_rng(0)
     host = [
         (0.05 * rng.standard_normal((args.clients, *s))).astype(np.float32)
@@ -194,7 +216,7 @@ def main() -> None:
     for name, fn in cases().items():
         if only and name not in only:
             continue
-        f = jax.jit(fn)
+        f = jax.jit(fn if args.chunk is None else _chunked(fn, args.chunk))
         t0 = time.perf_counter()
         out = jax.block_until_ready(f(ks))
         compile_s = time.perf_counter() - t0
@@ -208,6 +230,7 @@ def main() -> None:
             "case": "gram_form",
             "form": name,
             "clients": args.clients,
+            "chunk": args.chunk,
             "channels": sum(s[-1] for s in RESNET18_KERNELS),
             "compile_s": compile_s,
             "wall_ms_per_client": 1e3 * min(walls) / args.clients,

@@ -94,7 +94,7 @@ How sigma_max is computed. The per-channel matrices are thin (``C_in x 9`` for 3
 form each channel's Gram matrix on the small side (``9 x 9``; ``3 x 3`` for an RGB stem; ``1 x 1``,
 i.e. a squared vector norm, for 1x1 kernels) and take ``sqrt`` of its largest eigenvalue, from ONE
 batched ``jnp.linalg.eigvalsh`` per distinct Gram size. (Below, the Gram matrices of the
-``"channel_major"`` form; the flax-layout forms, ``"reduce"`` the CPU default, are described
+``"channel_major"`` form; the flax-layout forms, ``"pairs"`` the CPU default, are described
 after the squaring method.)
 The flax ``[kh, kw, C_in, C_out]`` kernel is brought to ``[C_out, kh*kw, C_in]`` by one 2-D
 transpose (XLA:CPU runs it about 3x faster than the
@@ -135,8 +135,8 @@ CPU (the GPU numbers of ``benchmarks/results/mars_cost_gpu.jsonl`` were made wit
 measured on a TPU). ``"pairs"``: no transpose; in the flax layout ``m = [d, n, C_out]`` (``d``
 the small side), each of the ``d (d + 1) / 2`` distinct entries is its own reduction
 ``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that XLA:CPU
-vectorises; but each of the 45 reductions reads its two rows of ``m`` again, so the kernel is
-read about 10 times. ``"reduce"``, the default on CPU: the same ``d (d + 1) / 2`` products as the
+vectorises (the default on CPU); each of the 45 reductions reads its two rows of ``m`` again, so
+the kernel is read about 10 times. ``"reduce"``: the same ``d (d + 1) / 2`` products as the
 operands of ONE variadic ``lax.reduce`` over ``n``, which XLA:CPU emits as a single loop that
 reads ``m`` once. Both flax-layout forms are used up to ``d = PAIRS_MAX_SIDE`` = 9 (45 products);
 larger Grams, e.g. a 5x5 kernel on 20 input channels, use ``"channel_major"``. Not used: the
@@ -765,11 +765,11 @@ def _conv_norms(
 
 
 def _resolve_gram_form(gram_form: GramForm | None, side: int) -> GramForm:
-    """``gram_form`` for a Gram of size ``side``: the default is ``"reduce"`` on CPU and
+    """``gram_form`` for a Gram of size ``side``: the default is ``"pairs"`` on CPU and
     ``"channel_major"`` elsewhere; ``"reduce"`` and ``"pairs"`` only up to ``PAIRS_MAX_SIDE``
     (45 products), larger Grams use ``"channel_major"``."""
     if gram_form is None:
-        gram_form = "reduce" if jax.default_backend() == "cpu" else "channel_major"
+        gram_form = "pairs" if jax.default_backend() == "cpu" else "channel_major"
     if gram_form not in GRAM_FORMS:
         raise ValueError(f"gram_form must be one of {GRAM_FORMS}, got {gram_form!r}")
     return gram_form if side <= PAIRS_MAX_SIDE else "channel_major"
@@ -865,7 +865,7 @@ def channel_spectral_norms(
         about ``1.04 / 2**num_squarings``).
       gram_form: how the Gram matrices are formed, ``"reduce"``, ``"pairs"`` or
         ``"channel_major"`` (same values up to float32 rounding; see the module docstring).
-        Default: ``"reduce"`` on CPU,
+        Default: ``"pairs"`` on CPU,
         ``"channel_major"`` on other backends.
 
     Returns:
