@@ -151,7 +151,14 @@ side by side with the other formulations tried (tiled matrix products, a ``C_in`
 elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``
 (ResNet-18's 4,800 conv channels, 10 clients under ``vmap``, quiet 2-core CPU, 2026-12-01, per
 client): the Gram step 23.6 ms as pairs against 48.7 ms channel-major; the whole BE step with
-``eigvalsh`` 44.2 against 73.5 ms, with squaring 30.3 against 55.2 ms.
+``eigvalsh`` 44.2 against 73.5 ms, with squaring 30.3 against 55.2 ms. The reduce form, same
+script and machine, later that day: at 10 clients the Gram 15.0 ms against pairs 22.3, BE with
+squaring 25.5 against 29.4; at 100 clients in one ``vmap`` BE with squaring 24.6 against 36.0
+ms, but in ``lax.map`` chunks of 10 (as ``mars(chunk_size=10)``) 24.4 against 25.6, its Gram
+slower (18.1 against 14.5 ms). In ``benchmarks/bench_mars.py`` (whole CBE, 100 clients in
+chunks of 10, commit 5433b86, when ``"reduce"`` was the CPU default) it was slower than pairs
+(squaring 3.80 against 3.34 s per round, eigvalsh 5.20 against 4.76 s), hence pairs stays the
+default and ``"reduce"`` an option.
 
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
