@@ -137,17 +137,16 @@ the small side), each of the ``d (d + 1) / 2`` distinct entries is its own reduc
 ``sum(m[a] * m[b], axis=0)``, a product along the contiguous channel axis that XLA:CPU
 vectorises (the default on CPU); each of the 45 reductions reads its two rows of ``m`` again, so
 the kernel is read about 10 times. ``"reduce"``: the same ``d (d + 1) / 2`` products as the
-operands of ONE variadic ``lax.reduce`` over ``n``, which XLA:CPU emits as a single loop that
-reads ``m`` once. Both flax-layout forms are used up to ``d = PAIRS_MAX_SIDE`` = 9 (45 products);
-larger Grams, e.g. a 5x5 kernel on 20 input channels, use ``"channel_major"``. Not used: the
-same Gram as one broadcast product ``sum(m[:, None] * m[None, :], axis=2)``, slightly faster still, which
-jaxlib 0.10.2 compiles into an XNNPACK ("ynn") fusion that returns wrong values (relative
+operands of ONE variadic ``lax.reduce`` over ``n``, so that XLA:CPU can emit a single loop over
+``m`` (inferred from its speed below, not read from the compiled code). Both flax-layout forms
+are used up to ``d = PAIRS_MAX_SIDE`` = 9 (45 products); larger Grams, e.g. a 5x5 kernel on 20
+input channels, use ``"channel_major"``. Not used: the same Gram as one broadcast product
+``sum(m[:, None] * m[None, :], axis=2)``, slightly faster still, which jaxlib 0.10.2 compiles into an XNNPACK ("ynn") fusion that returns wrong values (relative
 errors from 1 to 1e8) under ``vmap`` with a client axis of size 1 (seen for ``[3, 3, 64, 32]``,
 ``[7, 7, 3, 64]``, ``[5, 5, 20, 50]`` and ``[3, 3, 512, 512]`` kernels; 2 and 3 clients were
 right), so which programs it breaks cannot be told in advance; the pairs and reduce forms were
 exact in the same cases (``tests/defenses/test_energy.py::test_gram_forms_match_numpy_under_vmap``).
-Measured
-side by side with the other formulations tried (tiled matrix products, a ``C_in``-major layout,
+Measured side by side with the other formulations tried (tiled matrix products, a ``C_in``-major layout,
 elementwise squaring in a structure-of-arrays layout) in ``benchmarks/mars_gram_forms.py``
 (ResNet-18's 4,800 conv channels, 10 clients under ``vmap``, quiet 2-core CPU, 2026-12-01, per
 client): the Gram step 23.6 ms as pairs against 48.7 ms channel-major; the whole BE step with
@@ -814,8 +813,8 @@ def _pair_gram(m: jax.Array) -> jax.Array:
 
 
 def _reduce_gram(m: jax.Array) -> jax.Array:
-    """As :func:`_pair_gram`, but the ``d (d + 1) / 2`` sums are ONE variadic ``lax.reduce``:
-    XLA emits a single loop that reads ``m`` once instead of once per pair."""
+    """As :func:`_pair_gram`, but the ``d (d + 1) / 2`` sums are ONE variadic ``lax.reduce``, so
+    XLA can read ``m`` in one loop instead of once per pair."""
     d = m.shape[0]
     pairs = _upper_pairs(d)
     zero = jnp.zeros((), m.dtype)
