@@ -157,7 +157,9 @@ ms, but in ``lax.map`` chunks of 10 (as ``mars(chunk_size=10)``) 24.4 against 25
 slower (18.1 against 14.5 ms). In ``benchmarks/bench_mars.py`` (whole CBE, 100 clients in
 chunks of 10, commit 5433b86, when ``"reduce"`` was the CPU default) it was slower than pairs
 (squaring 3.80 against 3.34 s per round, eigvalsh 5.20 against 4.76 s), hence pairs stays the
-default and ``"reduce"`` an option.
+default and ``"reduce"`` an option. With all 100 clients in one ``vmap`` (``--chunk 100``,
+commit 433aa00) reduce was slower there too: squaring 3.93 against 3.64 s, eigvalsh 6.80 against
+5.39 s.
 
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
