@@ -485,3 +485,22 @@ def test_every_option_the_readme_shows_exists():
         assert sub in helps, f"README.md shows 'marsjax {sub}', which is no subcommand"
         missing = flags - set(flag.findall(helps[sub]))
         assert not missing, f"marsjax {sub} --help does not list {sorted(missing)}"
+
+
+def test_what_the_quickstart_prints_matches_the_committed_run():
+    """The README's Quickstart numbers are those of the committed run's summary files."""
+    text = README.read_text()
+    section = text[text.index("## What the Quickstart prints") :]
+    section = " ".join(section[: section.index("\n## ", 5)].split())
+    want = {
+        "fedavg": re.search(r"FedAvg ends at ACC ([\d.]+) / ASR ([\d.]+)", section),
+        "mars": re.search(
+            r"MARS at ACC ([\d.]+) / ASR ([\d.]+), TPR ([\d.]+), FPR ([\d.]+)", section
+        ),
+    }
+    for name, m in want.items():
+        assert m, f"README: no {name} numbers in 'What the Quickstart prints'"
+        got = json.loads((ROOT / f"experiments/results/quickstart/{name}/summary.json").read_text())
+        for key, shown in zip(("acc", "asr", "tpr", "fpr"), m.groups(), strict=False):
+            decimals = len(shown.partition(".")[2])
+            assert round(got[key], decimals) == float(shown), (name, key, got[key], shown)
