@@ -33,8 +33,9 @@ Differences from the official code ([3D]/[C] ``attacks/modelreplace.py``):
 The two official repositories differ in the third loss term. The MARS repository's
 ``ModelReplace`` adds ``eu_constraint``, the Euclidean distance above, whose gradient pulls the
 model back towards ``θ_G``: the default here (``loss_weights=(0.3, 0.3, 0.4)``). The 3DFed
-repository's adds ``cs_constraint``, ``1e3 · (1 − cos(5 (θ − θ_G) + θ_G, θ_G))``, computed on
-flattened copies of the weights taken through ``.data``: a constant to autograd, so its attacker
+repository's adds ``cs_constraint``, ``1e3 · (1 − cos(s (θ − θ_G) + θ_G, θ_G))`` with ``s`` the
+``fl_weight_scale``, computed on flattened copies of the weights taken through ``.data``: a
+constant to autograd, so its attacker
 trains on ``0.3 · CE(clean) + 0.3 · CE(poisoned)`` alone. ``loss_weights=(0.3, 0.3, 0.0)`` is that
 training. It matters: in the official MNIST federation (seed 0, 10 rounds, commit 1372062,
 ``experiments/results/mnist_official/ablations/*_mra_3dfed_repo_loss``) Multi-Krum and FLAME catch
