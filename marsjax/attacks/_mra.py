@@ -35,9 +35,8 @@ The two official repositories differ in the third loss term. The MARS repository
 model back towards ``θ_G``: the default here (``loss_weights=(0.3, 0.3, 0.4)``). The 3DFed
 repository's adds ``cs_constraint``, ``1e3 · (1 − cos(s (θ − θ_G) + θ_G, θ_G))`` with ``s`` the
 ``fl_weight_scale``, computed on flattened copies of the weights taken through ``.data``: a
-constant to autograd, so its attacker
-trains on ``0.3 · CE(clean) + 0.3 · CE(poisoned)`` alone. ``loss_weights=(0.3, 0.3, 0.0)`` is that
-training. It matters: in the official MNIST federation (seed 0, 10 rounds, commit 1372062,
+constant to autograd, so its attacker trains on ``0.3 · CE(clean) + 0.3 · CE(poisoned)`` alone.
+``loss_weights=(0.3, 0.3, 0.0)`` is that training. It matters: in the official MNIST federation (seed 0, 10 rounds, commit 1372062,
 ``experiments/results/mnist_official/ablations/*_mra_3dfed_repo_loss``) Multi-Krum and FLAME catch
 every MRA upload from round 2 on, as the MARS paper reports for MRA, where with the distance term
 they catch none in 30 rounds; see ``experiments/README.md``.
