@@ -282,6 +282,7 @@ def threedfed(
     use_decoys: bool = True,
     use_masks: bool = True,
     use_indicators: bool = True,
+    use_tuning: bool = True,
     indicator_layer: str | None = None,
     output_layer: str | None = None,
     decoy_layer: str | None = None,
@@ -319,6 +320,9 @@ def threedfed(
       decoy_epochs, decoy_lr: decoy training (default: the benign clients' epochs and lr).
       curvature_batches: batches of the curvature pass (default: one pass over the data).
       use_decoys, use_masks, use_indicators: switch modules off (ablations).
+      use_tuning: ``False`` keeps the indicators (implanted, read back as feedback, weak-DP
+        switch included) but never tunes: every group's ``α`` stays at its first-round draw and
+        the decoy count at 0 (an ablation that separates the tuning from the implanted entries).
       indicator_layer, output_layer, decoy_layer: ``"a/b/kernel"`` paths inside ``params``.
     """
     check_common(lr, poison_epochs, poison_steps, data, batch_size)
@@ -482,7 +486,7 @@ def threedfed(
             alpha_max=hi_a,
         )
         a_first = jnp.clip(jax.random.uniform(k_first, (num_groups,)), lo_a, hi_a)
-        tuning = started & ~weak_dp & use_indicators
+        tuning = started & ~weak_dp & use_indicators & use_tuning
         alpha = jnp.where(
             weak_dp,
             weak_dp_alpha,

@@ -464,3 +464,30 @@ def test_weak_dp_switch(loop):
     ctx = loop["ctx"]._replace(global_variables=loop["g"])
     _, s3 = loop["craft"](jax.random.key(7), loop["updates"], s2, ctx)
     assert bool(s3.weak_dp)
+
+
+def test_no_tuning_keeps_first_alpha_and_no_decoys(loop):
+    """``use_tuning=False``: indicators are implanted and read back, but after a round in which
+    both attackers were rejected ``α`` keeps its first draw and no decoy is added (the tuned
+    attack, same inputs, redraws ``α`` and adds a decoy)."""
+    ds = load_dataset("digits")
+    cfg = override(
+        get_preset("demo"),
+        {"attack.name": "3dfed", "attack.options": {**OPTS, "use_tuning": False}},
+    )
+    sim = simulation.build(cfg, ds)
+    craft = jax.jit(sim.attack.craft)
+    ctx = loop["ctx"]
+    out1, s1 = craft(jax.random.key(2), loop["updates"], sim.attack.init(loop["g"]), ctx)
+    # round 1 is identical to the tuned attack's (nothing to tune yet)
+    for a, b in zip(jax.tree.leaves(out1), jax.tree.leaves(loop["out1"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    g1 = _next_global(loop["g"], out1, [0.0, 0.0] + [1.0] * 8)
+    ctx2 = ctx._replace(global_variables=g1, round=jnp.int32(1))
+    _, s2 = craft(jax.random.key(4), loop["updates"], s1, ctx2)
+    assert np.asarray(s2.status)[:2].tolist() == [R, R]  # the feedback is still read
+    assert int(s2.num_decoys) == 0
+    np.testing.assert_array_equal(np.asarray(s2.alpha), np.asarray(s1.alpha))
+    _, _, s2_tuned = _round2(loop, [0.0, 0.0] + [1.0] * 8)
+    assert int(s2_tuned.num_decoys) == 1
+    assert not np.allclose(np.asarray(s2_tuned.alpha), np.asarray(s1.alpha))
