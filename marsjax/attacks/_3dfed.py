@@ -320,9 +320,10 @@ def threedfed(
       decoy_epochs, decoy_lr: decoy training (default: the benign clients' epochs and lr).
       curvature_batches: batches of the curvature pass (default: one pass over the data).
       use_decoys, use_masks, use_indicators: switch modules off (ablations).
-      use_tuning: ``False`` keeps the indicators (implanted, read back as feedback, weak-DP
-        switch included) but never tunes: every group's ``α`` stays at its first-round draw and
-        the decoy count at 0 (an ablation that separates the tuning from the implanted entries).
+      use_tuning: ``False`` keeps the indicators (implanted and read back as feedback) but never
+        tunes: every group's ``α`` stays at its first-round draw (``weak_dp_alpha`` once the
+        weak-DP switch is on) and the decoy count at 0 (an ablation that separates the tuning
+        from the implanted entries).
       indicator_layer, output_layer, decoy_layer: ``"a/b/kernel"`` paths inside ``params``.
     """
     check_common(lr, poison_epochs, poison_steps, data, batch_size)
