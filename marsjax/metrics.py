@@ -6,7 +6,11 @@
   ``asr_excl_target`` is the variant that leaves the target class's own images out.
 * TPR: backdoor models flagged / backdoor models, FPR: benign models flagged / benign models, per
   round; a client is flagged when its ``accepted`` weight is ``<= 0.5``. The paper averages the
-  per-round rates over the attack rounds (mars_spec §2.1, §6.11).
+  per-round rates over the attack rounds (mars_spec §2.1, §6.11). An upload the round drops
+  before the defense (non-finite, or its squared norm overflows float32) has ``accepted = 0``
+  and so counts as rejected: it never reaches the aggregate. ``tpr_excl_dropped`` /
+  ``fpr_excl_dropped`` are the same rates over the uploads the defense judged, for telling a
+  defense's decisions apart from the round's safety net; the tables show ``tpr`` / ``fpr``.
 * CAD, one rule everywhere (``marsjax run``, summaries, sweep tables; :data:`CAD_RULE`): the
   mean of ACC, 100 - ASR, TPR and 100 - FPR over the terms that are defined. TPR is undefined
   when no attacker took part (``attack=none``) and TPR/FPR are undefined for a defense without
@@ -32,11 +36,19 @@ CAD_RULE = (
 )
 
 
-def detection_rates(accepted: jax.Array, is_attacking: jax.Array):
-    """Per-round TPR and FPR in percent (NaN when the round has no attacker / no benign client)."""
+def detection_rates(accepted: jax.Array, is_attacking: jax.Array, counted: jax.Array | None = None):
+    """Per-round TPR and FPR in percent (NaN when the round has no attacker / no benign client).
+
+    ``counted`` (a boolean row mask, default all rows) restricts both rates to those rows: the
+    round passes its finite uploads to get the rates over what the defense actually judged
+    (``tpr_excl_dropped``; in ``tpr`` a dropped upload counts as rejected).
+    """
     flagged = accepted <= 0.5
     mal = is_attacking
     ben = ~is_attacking
+    if counted is not None:
+        mal = mal & counted
+        ben = ben & counted
     n_mal = jnp.sum(mal)
     n_ben = jnp.sum(ben)
     tpr = jnp.where(n_mal > 0, 100.0 * jnp.sum(flagged & mal) / jnp.maximum(n_mal, 1), jnp.nan)
@@ -162,14 +174,19 @@ def summarize(records: Sequence[dict], attack_active: bool = True, detects: bool
     ACC/ASR are the last evaluated round's; TPR/FPR are the means of the per-round rates over the
     rounds in which the attack was active (all rounds if there is no attack), NaN for a defense
     without detection decisions (``detects=False``); CAD from those (:func:`cad`).
+    ``tpr_excl_dropped`` / ``fpr_excl_dropped`` average the per-round rates that leave dropped
+    uploads out (module docstring).
     """
     evaluated = [r for r in records if r.get("acc") is not None]
     last = evaluated[-1] if evaluated else {}
     rounds = [r for r in records if r.get("attack_active")] if attack_active else list(records)
     if not rounds:
         rounds = list(records)
-    tpr = _nanmean([r.get("tpr") for r in rounds]) if detects else float("nan")
-    fpr = _nanmean([r.get("fpr") for r in rounds]) if detects else float("nan")
+
+    def rate(key):
+        return _nanmean([r.get(key) for r in rounds]) if detects else float("nan")
+
+    tpr, fpr = rate("tpr"), rate("fpr")
     acc = last.get("acc", float("nan"))
     asr = last.get("asr", float("nan"))
     out = {
@@ -181,6 +198,10 @@ def summarize(records: Sequence[dict], attack_active: bool = True, detects: bool
         "fpr": fpr,
     }
     out["cad"] = cad(acc, asr, tpr, fpr)
+    # The same rates over the uploads the defense judged (dropped ones left out); NaN for
+    # records written before the round reported them.
+    out["tpr_excl_dropped"] = rate("tpr_excl_dropped")
+    out["fpr_excl_dropped"] = rate("fpr_excl_dropped")
     out["dropped"] = int(sum(r.get("num_dropped", 0) for r in records))
     out["reverted"] = int(sum(r.get("reverted", 0) for r in records))
     return out

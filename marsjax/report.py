@@ -21,7 +21,18 @@ __all__ = [
 
 COLUMNS = ("acc", "asr", "tpr", "fpr", "cad")
 # The metrics averaged over seeds (``marsjax run --seeds``).
-SEED_METRICS = ("acc", "asr", "asr_excl_target", "tpr", "fpr", "cad", "dropped", "reverted")
+SEED_METRICS = (
+    "acc",
+    "asr",
+    "asr_excl_target",
+    "tpr",
+    "fpr",
+    "cad",
+    "tpr_excl_dropped",
+    "fpr_excl_dropped",
+    "dropped",
+    "reverted",
+)
 
 
 def _fmt(v) -> str:

@@ -392,12 +392,15 @@ def build(
             lambda n, o: jnp.where(ok, n, o), opt_state, state.server_opt_state
         )
         tpr, fpr = detection_rates(accepted, is_attacking)
+        tpr_judged, fpr_judged = detection_rates(accepted, is_attacking, counted=finite)
         benign = ~is_attacking
         metrics = {
             "round": rnd,
             "attack_active": active,
             "tpr": tpr,
             "fpr": fpr,
+            "tpr_excl_dropped": tpr_judged,
+            "fpr_excl_dropped": fpr_judged,
             "num_attackers": jnp.sum(is_attacking).astype(jnp.int32),
             "num_flagged": jnp.sum(accepted <= 0.5).astype(jnp.int32),
             "num_dropped": jnp.sum(~finite).astype(jnp.int32),
@@ -406,6 +409,7 @@ def build(
             "client_ids": ids,
             "is_attacking": is_attacking,
             "accepted": accepted,
+            "dropped": ~finite,
             "scores": result.scores,
         }
         new_state = RoundState(rnd + 1, state.key, new_g, opt_state, defense_state, attack_state)

@@ -64,6 +64,21 @@ def test_detection_rates_without_attackers_or_without_benign_clients():
     assert float(tpr) == 100.0 and float(fpr) == 0.0
 
 
+def test_detection_rates_over_the_counted_rows_only():
+    # rows 0-2 attack, 3-5 benign; rows 0 and 3 were dropped before the defense (accepted 0)
+    accepted = jnp.array([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    attacking = jnp.array([True, True, True, False, False, False])
+    counted = jnp.array([False, True, True, False, True, True])
+    tpr, fpr = detection_rates(accepted, attacking)
+    np.testing.assert_allclose([float(tpr), float(fpr)], [200.0 / 3, 100.0 / 3], rtol=1e-6)
+    # judged rows only: attackers 1, 2 -> 1 of 2 flagged; benign 4, 5 -> none flagged
+    tpr, fpr = jax.jit(detection_rates)(accepted, attacking, counted)
+    assert float(tpr) == 50.0 and float(fpr) == 0.0
+    # every attacker dropped: TPR over judged rows undefined
+    tpr, _ = detection_rates(accepted, attacking, jnp.array([False] * 3 + [True] * 3))
+    assert math.isnan(float(tpr))
+
+
 # ------------------------------------------------------------------------------------------------
 # summarize: ACC/ASR of the last evaluated round; TPR/FPR averaged over the attack rounds
 
@@ -103,6 +118,18 @@ def test_summarize_worked_example():
     # CAD = (90 + 80 + 75 + (100 - 35/3)) / 4
     assert s["cad"] == pytest.approx((90 + 80 + 75 + 100 - 35.0 / 3) / 4)
     assert s["dropped"] == 3 and s["reverted"] == 1
+    # records without the judged-rows rates (written before the round reported them): NaN
+    assert math.isnan(s["tpr_excl_dropped"]) and math.isnan(s["fpr_excl_dropped"])
+    judged = [
+        dict(r, tpr_excl_dropped=t, fpr_excl_dropped=f)
+        for r, t, f in zip(RECORDS, [NAN, 100.0, 0.0, None], [40.0, 0.0, 20.0, 10.0])
+    ]
+    s = summarize(judged)
+    # attack rounds 1-3: TPR mean(100, 0) = 50, FPR mean(0, 20, 10) = 10; tpr/fpr unchanged
+    assert s["tpr_excl_dropped"] == pytest.approx(50.0)
+    assert s["fpr_excl_dropped"] == pytest.approx(10.0)
+    assert s["tpr"] == pytest.approx(75.0)
+    assert math.isnan(summarize(judged, detects=False)["tpr_excl_dropped"])
 
 
 def test_summarize_over_all_rounds_without_an_attack():

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,11 @@ def test_nonfinite_upload_is_dropped_and_model_stays_finite(digits):
         del REGISTRY["_nan_test"]
     assert all(r["num_dropped"] == 2 for r in res["records"])
     assert all(r["tpr"] == 100.0 for r in res["records"])  # dropped = flagged
+    # the rows dropped are the attackers'; over the judged rows no attacker is left to rate
+    assert all(r["dropped"] == r["is_attacking"] for r in res["records"])
+    assert all(r["tpr_excl_dropped"] is None for r in res["records"])
+    assert all(r["fpr_excl_dropped"] == r["fpr"] for r in res["records"])
+    assert math.isnan(res["summary"]["tpr_excl_dropped"]) and res["summary"]["tpr"] == 100.0
     for leaf in jax.tree.leaves(res["state"].global_variables):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
