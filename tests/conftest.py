@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Keep XLA from grabbing both cores per test process under pytest-xdist, and keep runs quiet.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,8 +20,31 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 
+# One persistent compilation cache for the whole run, shared by the xdist workers and every
+# subprocess the tests start (they inherit the environment): many tests build the same small
+# programs (the quickstart round, the demo presets), and a program compiled once is loaded from
+# disk afterwards. The cache key is the program and its compile options, so a code change can
+# never be served a stale executable. The process that made the folder removes it at the end.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="marsjax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax
 import pytest
+
+# in case a plugin imported jax before the variables were set
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
