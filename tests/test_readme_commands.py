@@ -20,8 +20,10 @@ of a ``marsjax`` command in the README is one its ``--help`` lists.
 
 Commands run as a subprocess from the repository root (a check says when it uses another folder
 and why) with the venv that runs the tests first on PATH (``.venv/bin/X``, ``python`` and
-``marsjax`` mean that venv's), on the CPU unless ``JAX_PLATFORMS`` says otherwise, and offline:
-the HTTP(S) proxies point at a closed local port, so a download attempt fails at once. Anything a
+``marsjax`` mean that venv's), on the CPU unless ``JAX_PLATFORMS`` says otherwise, with the test
+run's XLA flags (conftest.py: LLVM's optimisation passes skipped, which changes compile time, not
+what is checked) and its compilation cache, and offline: the HTTP(S) proxies point at a closed
+local port, so a download attempt fails at once. Anything a
 command writes goes to a temporary folder, never into the repository. The file takes about 90 s
 of CPU time (2.5 min wall on 2 cores shared with a campaign at load 6), most of it the README's
 10-round Python example and the tiny runs (a compile each).
@@ -188,7 +190,6 @@ def _env() -> dict[str, str]:
     for name in ("http_proxy", "https_proxy", "all_proxy"):
         env[name] = env[name.upper()] = _OFFLINE_PROXY
     env["no_proxy"] = env["NO_PROXY"] = "localhost,127.0.0.1"  # jax.distributed's coordinator
-    env.pop("XLA_FLAGS", None)
     return env
 
 

@@ -14,7 +14,7 @@ HELPER = pathlib.Path(__file__).parent / "helpers" / "sharded_run.py"
 
 
 def _run(out, *args, wait=True):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the helper sets both
     p = subprocess.Popen(
         [sys.executable, str(HELPER), str(out), *map(str, args)],
         env=env,

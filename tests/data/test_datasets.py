@@ -21,6 +21,19 @@ def test_digits_is_real_and_split_stratified():
     assert abs(ds.x_train.mean() / 255 - ds.mean[0]) < 0.01
 
 
+def test_digits_read_from_the_csv_equal_sklearns_loader():
+    """The CSV read that avoids importing scikit-learn gives what ``load_digits`` gives."""
+    from sklearn.datasets import load_digits
+
+    from marsjax.data.datasets import _digits_arrays
+
+    images, target = _digits_arrays()
+    ref = load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)
+    assert target.dtype == np.int32
+
+
 def _write_idx(path, arr, gz=True, truncate=0):
     arr = np.asarray(arr, np.uint8)
     header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)

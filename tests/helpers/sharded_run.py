@@ -11,7 +11,9 @@ import sys
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 out, devices = args[0], int(args[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+# the test run's XLA flags (its compile settings) without any device count, then this one's
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+os.environ["XLA_FLAGS"] = " ".join([*_flags, f"--xla_force_host_platform_device_count={devices}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from marsjax import sharding
