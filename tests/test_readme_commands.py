@@ -24,9 +24,9 @@ and why) with the venv that runs the tests first on PATH (``.venv/bin/X``, ``pyt
 run's XLA flags (conftest.py: LLVM's optimisation passes skipped, which changes compile time, not
 what is checked) and its compilation cache, and offline: the HTTP(S) proxies point at a closed
 local port, so a download attempt fails at once. Anything a
-command writes goes to a temporary folder, never into the repository. The file takes about 90 s
-of CPU time (2.5 min wall on 2 cores shared with a campaign at load 6), most of it the README's
-10-round Python example and the tiny runs (a compile each).
+command writes goes to a temporary folder, never into the repository. The file took 189 s wall
+with -n 2 on 2 cores shared with a sweep, most of it the README's 10-round Python example and the
+tiny runs (a compile each).
 """
 
 from __future__ import annotations
