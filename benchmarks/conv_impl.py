@@ -531,7 +531,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch", default="tensor", help="torch loaders to time ('' for none)")
     ap.add_argument("--torch-clients", type=int, default=None)
-    ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX cases")
+    ap.add_argument(
+        "--xla-flags",
+        action="append",
+        default=None,
+        help="extra XLA_FLAGS for the JAX cases; repeat it to time every JAX case once per value,"
+        " side by side in the same run ('' is the default flags; --paired uses the first)",
+    )
     ap.add_argument("--no-peak", action="store_true")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the peak matmul")
     ap.add_argument("--timeout", type=float, default=600.0, help="per case, seconds")
@@ -549,6 +555,7 @@ def main(argv: list[str] | None = None) -> None:
         help="before each case wait up to this many seconds for other processes to go idle",
     )
     args = ap.parse_args(argv)
+    flag_variants = args.xla_flags or [""]
 
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
@@ -609,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": args.paired,
             **base,
         }
-        res = _spawn(case, args.xla_flags, args.timeout)
+        res = _spawn(case, flag_variants[0], args.timeout)
         for name, v in res.pop("variants", {}).items():
             rec = {
                 "case": f"paired/{name}",
@@ -666,7 +673,9 @@ def main(argv: list[str] | None = None) -> None:
                     "clients": clients,
                     **base,
                 }
-                emit(f"jax/{m}/{impl}/{strat}", case, args.xla_flags)
+                for flags in flag_variants:
+                    tag = f" [{flags}]" if len(flag_variants) > 1 and flags else ""
+                    emit(f"jax/{m}/{impl}/{strat}{tag}", case, flags)
     torch_cases("after")
     if out_f:
         out_f.close()
