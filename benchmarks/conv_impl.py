@@ -536,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=None,
         help="extra XLA_FLAGS for the JAX cases; repeat it to time every JAX case once per value,"
-        " side by side in the same run ('' is the default flags; --paired uses the first)",
+        " side by side in the same run (write --xla-flags=VALUE; an empty value is the default flags;"
+        " --paired uses the first)",
     )
     ap.add_argument("--no-peak", action="store_true")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the peak matmul")
