@@ -569,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname_kind": platform.machine(),
     }
+    from marsjax.provenance import git_state  # the code's commit and whether the tree was dirty
+
+    common.update(git_state())
     try:
         import torch
 
