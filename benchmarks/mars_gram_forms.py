@@ -21,6 +21,10 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
   ``tiled_gemm<T>`` (channels in tiles of ``T``: one ``9T x 9T`` product per tile, the diagonal
   blocks kept; ``T`` times the arithmetic, as plain matrix products); ``cin_major`` (kernel moved
   to ``[C_in, C_out, 9]``, outer products summed over ``C_in``).
+* ``pairs_squaring_prev``: ``pairs_squaring`` with the eigenvalue step as it was before blocking
+  (one unblocked batch, rescaled by the trace after every product; ``lambda_max_prev``), to
+  measure the blocked step (``SQUARING_BLOCK`` matrices per ``lax.map`` step, a Frobenius
+  rescaling every ``SQUARINGS_PER_SCALE`` products) side by side.
 * ``soa_squaring``: ``flax_bcast`` Grams kept as ``[9, 9, C_out]`` and squared elementwise along
   the channel axis (structure of arrays) instead of as a batch of 9x9 matrix products.
 
@@ -123,6 +127,38 @@ def lambda_max_soa(g: jax.Array, num_squarings: int = E.NUM_SQUARINGS) -> jax.Ar
     return jnp.sum(g * b, axis=(0, 1)) / jnp.where(t > 0, t, 1.0)
 
 
+def lambda_max_prev(g: jax.Array, num_squarings: int = E.NUM_SQUARINGS) -> jax.Array:
+    """The squaring step before blocking: ``[..., d, d]`` in one batch, trace rescaling after
+    every product."""
+
+    def normalise(b):
+        t = jnp.trace(b, axis1=-2, axis2=-1)
+        return b / jnp.where(t > 0, t, 1.0)[..., None, None]
+
+    b = normalise(g)
+    for _ in range(num_squarings):
+        b = normalise(jnp.matmul(b, b, precision=HI))
+    t = jnp.trace(b, axis1=-2, axis2=-1)
+    return jnp.sum(g * b, axis=(-2, -1)) / jnp.where(t > 0, t, 1.0)
+
+
+def _prev_squaring(ks_one: list[jax.Array]) -> jax.Array:
+    """``pairs`` Grams with :func:`lambda_max_prev`, the Grams of one size in one batch."""
+    grams, _ = E._conv_grams(ks_one, False, "pairs")
+    lams: list[jax.Array | None] = [g[..., 0, 0] if g.shape[-1] == 1 else None for g in grams]
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(grams):
+        if g.shape[-1] > 1:
+            by_size.setdefault(g.shape[-1], []).append(i)
+    for idx in by_size.values():
+        lam = lambda_max_prev(jnp.concatenate([grams[i] for i in idx]))
+        start = 0
+        for i in idx:
+            lams[i] = lam[start : start + grams[i].shape[0]]
+            start += grams[i].shape[0]
+    return jnp.sqrt(jnp.maximum(jnp.concatenate(lams), 0.0))
+
+
 def _full(per_kernel):
     return lambda ks: jax.vmap(lambda *kk: jnp.concatenate([per_kernel(k) for k in kk]))(*ks)
 
@@ -157,6 +193,7 @@ def cases() -> dict:
         "pairs_squaring": energy("squaring", "pairs"),
         "reduce_eigvalsh": energy("eigvalsh", "reduce"),
         "reduce_squaring": energy("squaring", "reduce"),
+        "pairs_squaring_prev": lambda ks: jax.vmap(lambda *kk: _prev_squaring(list(kk)))(*ks),
         "soa_squaring": _full(
             lambda k: jnp.sqrt(jnp.maximum(lambda_max_soa(gram_flax_bcast(k)), 0))
         ),

@@ -13,6 +13,7 @@ import pytest
 from test_mars import CTX, NUM_ATTACKERS, N, federation
 from test_mars import run as run_mars
 
+from marsjax.mars import energy as energy_module
 from marsjax.mars.defense import _build, mars
 from marsjax.mars.energy import (
     NUM_SQUARINGS,
@@ -111,6 +112,35 @@ def test_out_of_range_channels_are_non_finite_or_rescaled():
     assert np.isnan(fast[2])
     robust = np.asarray(squaring_rescaled(jnp.asarray(k)))
     assert rel_err(robust[:2], want).max() <= RTOL
+
+
+def test_blocks_padding_and_client_axes_give_the_same_values(monkeypatch):
+    """The squarings run in ``lax.map`` blocks of ``SQUARING_BLOCK`` Grams: a batch that is not a
+    multiple of the block (identity padding), clients in front (explicit and under ``vmap``), a
+    zero and a NaN channel in one block leave every other channel as float64 SVD has it."""
+    monkeypatch.setattr(energy_module, "SQUARING_BLOCK", 8)
+    rng = np.random.default_rng(8)
+    kernels = (0.05 * rng.standard_normal((3, 3, 3, 16, 45))).astype(np.float32)  # 3 clients
+    kernels[1, ..., 5] = 0.0
+    kernels[1, 0, 0, 0, 9] = np.nan
+    s = np.sort(rng.uniform(0.1, 0.9, 9))[::-1]
+    s[0], s[1] = 1.0, np.sqrt(1.0 - 2.0**-NUM_SQUARINGS)  # the hardest gap, in a later block
+    kernels[2, ..., 40] = with_spectrum(rng, s, 16).reshape(3, 3, 16)
+    want = np.stack([svd_norms(np.nan_to_num(k)) for k in kernels])
+    fresh = lambda k: channel_spectral_norms(k, method="squaring")  # a new trace
+    got = np.asarray(jax.jit(jax.vmap(fresh))(jnp.asarray(kernels)))
+    one = np.asarray(jax.jit(fresh)(jnp.asarray(kernels[2])))
+    assert np.isnan(got[1, 9]) and got[1, 5] == 0.0
+    ok = np.ones(want.shape, bool)
+    ok[1, [5, 9]] = False
+    assert rel_err(got[ok], want[ok]).max() <= RTOL
+    assert rel_err(one, want[2]).max() <= RTOL
+    # explicit client axes in front of the Gram batch, without vmap
+    g = np.einsum("nik,njk->nij", *(2 * [rng.standard_normal((2 * 21, 9, 16))]))
+    g = g.reshape(2, 21, 9, 9).astype(np.float32)
+    lam = np.asarray(energy_module._max_eig_squaring([jnp.asarray(g)], NUM_SQUARINGS)[0])
+    lam_want = np.linalg.eigvalsh(g.astype(np.float64))[..., -1]
+    assert lam.shape == (2, 21) and rel_err(lam, lam_want).max() <= RTOL
 
 
 def test_backdoor_energy_methods_agree_with_bn_dense_and_vmap():
