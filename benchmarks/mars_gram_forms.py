@@ -21,10 +21,10 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
   ``tiled_gemm<T>`` (channels in tiles of ``T``: one ``9T x 9T`` product per tile, the diagonal
   blocks kept; ``T`` times the arithmetic, as plain matrix products); ``cin_major`` (kernel moved
   to ``[C_in, C_out, 9]``, outer products summed over ``C_in``).
-* ``pairs_squaring_prev``: ``pairs_squaring`` with the eigenvalue step as it was before blocking
-  (one unblocked batch, rescaled by the trace after every product; ``lambda_max_prev``), to
-  measure the blocked step (``SQUARING_BLOCK`` matrices per ``lax.map`` step, a Frobenius
-  rescaling every ``SQUARINGS_PER_SCALE`` products) side by side.
+* ``pairs_squaring_prev``: ``pairs_squaring`` with the eigenvalue step as it was until commit
+  6f47639 (rescaled by the trace after every product; ``lambda_max_prev``), to measure the
+  current step (a Frobenius rescaling every ``SQUARINGS_PER_SCALE`` products; at commit 6f47639
+  also run in ``lax.map`` blocks of 2,048 Grams) side by side.
 * ``soa_squaring``: ``flax_bcast`` Grams kept as ``[9, 9, C_out]`` and squared elementwise along
   the channel axis (structure of arrays) instead of as a batch of 9x9 matrix products.
 

@@ -197,7 +197,6 @@ __all__ = [
     "NUM_SQUARINGS",
     "PAIRS_MAX_SIDE",
     "SQUARINGS_PER_SCALE",
-    "SQUARING_BLOCK",
     "AmbiguousLayoutError",
     "EnergyLayer",
     "EnergyLayout",
@@ -223,7 +222,6 @@ GRAM_FORMS = ("reduce", "pairs", "channel_major")
 PAIRS_MAX_SIDE = 9
 NUM_SQUARINGS = 18
 SQUARINGS_PER_SCALE = 4
-SQUARING_BLOCK = 2048
 
 
 class EnergyLayer(NamedTuple):
@@ -706,12 +704,13 @@ def _max_eig_squaring(grams: list[jax.Array], num_squarings: int) -> list[jax.Ar
     batch), which suits accelerators without an eigensolver too. A zero Gram gives 0, a
     non-finite one NaN.
 
-    The batch runs in blocks of ``SQUARING_BLOCK`` matrices (``lax.map``), so that the
-    squarings of one block work on data in cache: on ResNet-18's 4,800 conv channels of 10
-    clients (48,000 9x9 Grams, idle 2-core Xeon, jax 0.10.2) the eigenvalue step took 65-74 ms
-    in blocks of 2,048 with a rescaling every 4 squarings against 132 ms unblocked with the
-    trace rescaling after every product (the earlier form), 125 ms unblocked every 4, 130 ms in
-    blocks every product (``benchmarks/mars_gram_forms.py``, form ``squaring_blocked``).
+    Rescaling after every fourth product instead of after each saves a little: on ResNet-18's
+    4,800 conv channels of 10 clients under ``vmap`` (``benchmarks/mars_gram_forms.py``, idle
+    2-core Xeon, jax 0.10.2, 2026-12-02) the whole BE step took 26.1 against 27.9 ms per client,
+    of which the Gram step alone is 21.4 ms. Running the squarings in ``lax.map`` blocks of
+    512-8,192 Grams, so that each block stays in cache, was tried in the same script and run:
+    25.9-27.1 ms, no gain inside the BE program (although on its own, 48,000 random Grams, the
+    blocked step took 74 against 125 ms), so the batch stays one.
     """
     out: list[jax.Array | None] = [None] * len(grams)
     by_size: dict[int, list[int]] = {}
@@ -723,31 +722,13 @@ def _max_eig_squaring(grams: list[jax.Array], num_squarings: int) -> list[jax.Ar
         # one batch per Gram size, the client (vmap) axes kept in front
         flat = [grams[i].reshape((*grams[i].shape[:-3], -1, d, d)) for i in idx]
         g = jnp.concatenate(flat, axis=-3) if len(flat) > 1 else flat[0]
-        lam = _blocked_lambda(g, num_squarings)
+        lam = _squared_lambda(g, num_squarings)
         start = 0
         for i, f in zip(idx, flat):
             n = f.shape[-3]
             out[i] = lam[..., start : start + n].reshape(grams[i].shape[:-2])
             start += n
     return out  # type: ignore[return-value]
-
-
-def _blocked_lambda(g: jax.Array, num_squarings: int) -> jax.Array:
-    """:func:`_squared_lambda` of ``g`` ``[*lead, n, d, d]`` in blocks of ``SQUARING_BLOCK``."""
-    *lead, n, d, _ = g.shape
-    if n <= SQUARING_BLOCK:
-        return _squared_lambda(g, num_squarings)
-    nb = -(-n // SQUARING_BLOCK)
-    pad = nb * SQUARING_BLOCK - n
-    if pad:  # identity matrices: a finite, harmless filler
-        eye = jnp.broadcast_to(jnp.eye(d, dtype=g.dtype), (*lead, pad, d, d))
-        g = jnp.concatenate([g, eye], axis=-3)
-    k = len(lead)
-    g = g.reshape((*lead, nb, SQUARING_BLOCK, d, d))
-    g = jnp.moveaxis(g, k, 0)  # the blocks in front, for lax.map
-    lam = jax.lax.map(lambda x: _squared_lambda(x, num_squarings), g)
-    lam = jnp.moveaxis(lam, 0, k).reshape((*lead, nb * SQUARING_BLOCK))
-    return lam[..., :n]
 
 
 def _check_method(method: str) -> None:

@@ -114,17 +114,16 @@ def test_out_of_range_channels_are_non_finite_or_rescaled():
     assert rel_err(robust[:2], want).max() <= RTOL
 
 
-def test_blocks_padding_and_client_axes_give_the_same_values(monkeypatch):
-    """The squarings run in ``lax.map`` blocks of ``SQUARING_BLOCK`` Grams: a batch that is not a
-    multiple of the block (identity padding), clients in front (explicit and under ``vmap``), a
-    zero and a NaN channel in one block leave every other channel as float64 SVD has it."""
-    monkeypatch.setattr(energy_module, "SQUARING_BLOCK", 8)
+def test_client_axes_zero_and_nan_channels_leave_the_others_exact():
+    """Clients in front (explicit and under ``vmap``), a zero and a NaN channel in the batch, the
+    hardest gap in another client: every other channel as float64 SVD has it (the rescaling
+    every ``SQUARINGS_PER_SCALE`` products is per matrix)."""
     rng = np.random.default_rng(8)
     kernels = (0.05 * rng.standard_normal((3, 3, 3, 16, 45))).astype(np.float32)  # 3 clients
     kernels[1, ..., 5] = 0.0
     kernels[1, 0, 0, 0, 9] = np.nan
     s = np.sort(rng.uniform(0.1, 0.9, 9))[::-1]
-    s[0], s[1] = 1.0, np.sqrt(1.0 - 2.0**-NUM_SQUARINGS)  # the hardest gap, in a later block
+    s[0], s[1] = 1.0, np.sqrt(1.0 - 2.0**-NUM_SQUARINGS)  # the hardest gap
     kernels[2, ..., 40] = with_spectrum(rng, s, 16).reshape(3, 3, 16)
     want = np.stack([svd_norms(np.nan_to_num(k)) for k in kernels])
     fresh = lambda k: channel_spectral_norms(k, method="squaring")  # a new trace
