@@ -698,19 +698,20 @@ def _max_eig_squaring(grams: list[jax.Array], num_squarings: int) -> list[jax.Ar
     ``lambda_max`` (degenerate top singular values) cost nothing, far ones vanish, and the worst
     case (eight others at ``lambda_max (1 - 1 / q)``-ish) is about ``1.04 / q`` relative (4e-6
     with the default 18 squarings), on top of float32 rounding. Between two rescalings the
-    largest eigenvalue of ``B`` stays above ``3^-16`` (after a rescaling it is at least
-    ``||B||_F / 3``), far from float32's underflow; only eigenvalues that no longer matter
-    underflow. Every step is a plain batched matrix product (all Grams of one size in one
+    largest eigenvalue of ``B`` stays above ``9^-16`` (after the trace scaling it is at least
+    ``1/9``, after a Frobenius one at least ``1/3``; four squarings raise it to the 16th power),
+    far from float32's underflow; only eigenvalues that no longer matter underflow. Every step is a plain batched matrix product (all Grams of one size in one
     batch), which suits accelerators without an eigensolver too. A zero Gram gives 0, a
     non-finite one NaN.
 
-    Rescaling after every fourth product instead of after each saves a little: on ResNet-18's
-    4,800 conv channels of 10 clients under ``vmap`` (``benchmarks/mars_gram_forms.py``, idle
-    2-core Xeon, jax 0.10.2, 2026-12-02) the whole BE step took 26.1 against 27.9 ms per client,
-    of which the Gram step alone is 21.4 ms. Running the squarings in ``lax.map`` blocks of
-    512-8,192 Grams, so that each block stays in cache, was tried in the same script and run:
-    25.9-27.1 ms, no gain inside the BE program (although on its own, 48,000 random Grams, the
-    blocked step took 74 against 125 ms), so the batch stays one.
+    Rescaling after every fourth product instead of after each saves about a tenth of the BE
+    step: on ResNet-18's 4,800 conv channels of 10 clients under ``vmap``
+    (``benchmarks/mars_gram_forms.py``, cases ``pairs_squaring`` and ``pairs_squaring_prev``,
+    ``benchmarks/results/mars_gram_forms_cpu.jsonl``, idle 2-core Xeon, jax 0.10.2, commit
+    ab2ee01, two runs) 25.5-25.9 against 28.4-29.4 ms per client; the Gram step is most of the
+    rest. Running the squarings in ``lax.map`` blocks of 2,048 Grams as well, so that each block
+    stays in cache (commit 6f47639, same script and machine), gave 26.2 against 27.6 ms: no gain
+    inside the BE program, so the batch stays one.
     """
     out: list[jax.Array | None] = [None] * len(grams)
     by_size: dict[int, list[int]] = {}
