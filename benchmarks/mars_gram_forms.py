@@ -128,8 +128,7 @@ def lambda_max_soa(g: jax.Array, num_squarings: int = E.NUM_SQUARINGS) -> jax.Ar
 
 
 def lambda_max_prev(g: jax.Array, num_squarings: int = E.NUM_SQUARINGS) -> jax.Array:
-    """The squaring step before blocking: ``[..., d, d]`` in one batch, trace rescaling after
-    every product."""
+    """The squaring step as it was until commit 6f47639: trace rescaling after every product."""
 
     def normalise(b):
         t = jnp.trace(b, axis1=-2, axis2=-1)
