@@ -25,6 +25,10 @@ runs closest to matmul speed, on ResNet-18's 20 conv kernels (ImageNet stem, 4,8
   6f47639 (rescaled by the trace after every product; ``lambda_max_prev``), to measure the
   current step (a Frobenius rescaling every ``SQUARINGS_PER_SCALE`` products; at commit 6f47639
   also run in ``lax.map`` blocks of 2,048 Grams) side by side.
+* ``gram_flax_pairs_blocked64`` / ``pairs_blocked64_squaring``: the ``pairs`` Gram over 64-row
+  slices of the reduction axis in a ``fori_loop`` (each slice re-read from cache by the 45
+  products), alone and inside the whole BE step (tried for issue 16, not adopted: see
+  ``benchmarks/results/mars_gram_forms_cpu.jsonl``).
 * ``soa_squaring``: ``flax_bcast`` Grams kept as ``[9, 9, C_out]`` and squared elementwise along
   the channel axis (structure of arrays) instead of as a batch of 9x9 matrix products.
 
@@ -86,6 +90,22 @@ def gram_flax_pairs(k: jax.Array) -> jax.Array:
 def gram_flax_reduce(k: jax.Array) -> jax.Array:
     """The shipped ``"reduce"`` form: the same pairs as one variadic reduction."""
     return E._reduce_gram(_small_side(k))
+
+
+def pair_gram_blocked(m: jax.Array, block: int = 64) -> jax.Array:
+    """``energy._pair_gram`` over ``block``-row slices of the reduction axis in a ``fori_loop``,
+    so the 45 products of one slice re-read it from cache instead of memory (tried for issue 16)."""
+    d, n, cout = m.shape
+    if d == 1 or n % block or n // block < 2:
+        return E._pair_gram(m)
+    pairs = E._upper_pairs(d)
+
+    def body(i, acc):
+        s = jax.lax.dynamic_slice_in_dim(m, i * block, block, axis=1)
+        return acc + jnp.stack([jnp.sum(s[a] * s[b], axis=0) for a, b in pairs])
+
+    acc = jax.lax.fori_loop(0, n // block, body, jnp.zeros((len(pairs), cout), m.dtype))
+    return E._symmetric(d, pairs, list(acc))
 
 
 def gram_tiled(k: jax.Array, tile: int) -> jax.Array:
@@ -185,8 +205,19 @@ def cases() -> dict:
             )
         )(*ks)
 
+    def blocked_squaring(ks):
+        # The shipped pairs_squaring path with its Gram formed by pair_gram_blocked: the swap
+        # happens while jit traces this function, so the compiled program holds the blocked form.
+        shipped = E._pair_gram
+        E._pair_gram = pair_gram_blocked
+        try:
+            return energy("squaring", "pairs")(ks)
+        finally:
+            E._pair_gram = shipped
+
     return {
         "channel_major_eigvalsh": energy("eigvalsh", "channel_major"),
+        "pairs_blocked64_squaring": blocked_squaring,
         "channel_major_squaring": energy("squaring", "channel_major"),
         "pairs_eigvalsh": energy("eigvalsh", "pairs"),
         "pairs_squaring": energy("squaring", "pairs"),
@@ -200,6 +231,7 @@ def cases() -> dict:
         "gram_flax_bcast": _gram_only(gram_flax_bcast),
         "gram_flax_pairs": _gram_only(gram_flax_pairs),
         "gram_flax_reduce": _gram_only(gram_flax_reduce),
+        "gram_flax_pairs_blocked64": _gram_only(lambda k: pair_gram_blocked(_small_side(k))),
         "gram_tiled_gemm4": _gram_only(lambda k: gram_tiled(k, 4)),
         "gram_tiled_gemm8": _gram_only(lambda k: gram_tiled(k, 8)),
         "gram_cin_major": _gram_only(gram_cin_major),
