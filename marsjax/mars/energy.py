@@ -159,7 +159,12 @@ chunks of 10, commit 5433b86, when ``"reduce"`` was the CPU default) it was slow
 (squaring 3.80 against 3.34 s per round, eigvalsh 5.20 against 4.76 s), hence pairs stays the
 default and ``"reduce"`` an option. With all 100 clients in one ``vmap`` (``--chunk 100``,
 commit 433aa00) reduce was slower there too: squaring 3.93 against 3.64 s, eigvalsh 6.80 against
-5.39 s.
+5.39 s. Also tried and not adopted: the pairs Gram over 64-row slices of the reduction axis in a
+``fori_loop`` (cases ``*_blocked64`` of ``benchmarks/mars_gram_forms.py``, commit 11f4802, idle
+2-core Xeon, 10 clients: the Gram 13.3 against 21.3 ms per client, the BE step with squaring 19.3
+against 25.7 ms); inside ``benchmarks/bench_mars.py`` (100 clients in chunks of 10, the same day,
+timed with the blocked form patched in, not a committed result) the round got slower instead,
+3.34-3.45 against 3.04-3.13 s.
 
 Range: the fast path forms squares in float32, so kernels with entries beyond about ``1e15`` give a
 non-finite value (NaN/inf, never a wrong finite one; MARS then drops the client) and entries below
